@@ -1,0 +1,26 @@
+"""auxwrap: auxiliary labels make the primary model better, at single-task inference cost.
+
+The way through the code (DESIGN §5): :mod:`auxwrap.trace` (model -> fx graph with module paths) ->
+:mod:`auxwrap.taps` (ordered fusion points with shapes) -> plan -> build -> train -> prune/detach -> count.
+"""
+
+from .errors import AuxwrapArgumentError, AuxwrapError, AuxwrapTapError, AuxwrapTraceError
+from .examples import default_example_inputs
+from .taps import Tap, Unit, find_taps
+from .trace import Traced, trace
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AuxwrapArgumentError",
+    "AuxwrapError",
+    "AuxwrapTapError",
+    "AuxwrapTraceError",
+    "Tap",
+    "Traced",
+    "Unit",
+    "__version__",
+    "default_example_inputs",
+    "find_taps",
+    "trace",
+]

@@ -1,0 +1,222 @@
+"""Facts about a traced graph that fusion-point discovery stands on.
+
+- what each node computes: a weight op (conv / linear), a norm, an activation;
+- what each node outputs on example inputs: tensor shape and layout (NCHW or NHWC map, tokens, vector);
+- which nodes lie on every path from the inputs to the output (the *main path*).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import AuxwrapArgumentError
+from .trace import Traced
+
+NCHW, NHWC, TOKENS, VECTOR, OTHER = "nchw", "nhwc", "tokens", "vector", "other"
+
+_WEIGHT_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d}
+_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+_NORM_FUNCTIONS = {F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, torch.batch_norm,
+                   torch.layer_norm, torch.group_norm}
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+                       nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                       nn.Hardtanh, nn.Softplus)
+_ACTIVATION_FUNCTIONS = {F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
+                         F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, torch.relu,
+                         torch.relu_, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh}
+_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+
+
+# --------------------------------------------------------------------------- what a node computes
+
+def is_weight_op(traced: Traced, node: fx.Node) -> bool:
+    """A convolution or linear layer (module or functional), or an opaque leaf module with weights."""
+    if node.op == "call_function":
+        return node.target in _WEIGHT_FUNCTIONS
+    module = traced.target_module(node)
+    if module is None or isinstance(module, _NORM_MODULES):
+        return False
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        return True
+    return any(True for _ in module.parameters())
+
+
+def is_norm_op(traced: Traced, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _NORM_FUNCTIONS
+    return isinstance(traced.target_module(node), _NORM_MODULES)
+
+
+def is_activation(traced: Traced, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ACTIVATION_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _ACTIVATION_METHODS
+    return isinstance(traced.target_module(node), _ACTIVATION_MODULES)
+
+
+def norm_includes_activation(traced: Traced, node: fx.Node) -> bool:
+    """timm's ``BatchNormAct2d`` and kin: a norm module that applies its own activation."""
+    act = getattr(traced.target_module(node), "act", None)
+    return isinstance(act, nn.Module) and not isinstance(act, nn.Identity)
+
+
+def channels_of(traced: Traced, node: fx.Node) -> int | None:
+    """The number of output channels a weight or norm op defines, if it is known."""
+    module = traced.target_module(node)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return module.num_features
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1]
+    return None
+
+
+# --------------------------------------------------------------------------- what a node outputs
+
+@dataclass(frozen=True)
+class Value:
+    """What one node produced on the example inputs."""
+
+    shape: tuple[int, ...] | None  # None unless the output is a single tensor
+    carries_tensor: bool           # a tensor, or a container holding one
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode (no BatchNorm statistics updated, no dropout), then restore every flag."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags.items():
+            module.training = training
+
+
+def as_input_tuple(example_inputs: object, model_name: str) -> tuple:
+    """Normalise ``example_inputs`` (a tensor or a tuple of positional inputs) to a tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise AuxwrapArgumentError(
+        f"example_inputs for {model_name} must be a tensor or a non-empty tuple of the positional "
+        f"inputs of forward(), got {type(example_inputs).__name__}; e.g. example_inputs=(torch.randn(2, 3, 64, 64),)")
+
+
+class _ValueRecorder(fx.Interpreter):
+    def __init__(self, graph_module: fx.GraphModule):
+        super().__init__(graph_module)
+        self.values: dict[fx.Node, Value] = {}
+
+    def run_node(self, n: fx.Node):  # noqa: ANN201
+        result = super().run_node(n)
+        leaves, _ = tree_flatten(result)
+        shape = tuple(result.shape) if isinstance(result, torch.Tensor) else None
+        self.values[n] = Value(shape, any(isinstance(x, torch.Tensor) for x in leaves))
+        return result
+
+
+def propagate(traced: Traced, example_inputs: tuple) -> dict[fx.Node, Value]:
+    """Run the graph once on ``example_inputs`` (eval mode, no grad) and record every node's output."""
+    recorder = _ValueRecorder(traced.graph_module)
+    try:
+        with eval_mode(traced.graph_module), torch.no_grad():
+            recorder.run(*example_inputs)
+    except Exception as error:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+        raise AuxwrapArgumentError(
+            f"{traced.name} failed on the example inputs {shapes}: {type(error).__name__}: {error}; "
+            "pass example_inputs that the model's forward() accepts.") from error
+    return recorder.values
+
+
+def layout_of(traced: Traced, node: fx.Node, shape: tuple[int, ...] | None) -> str:
+    """NCHW or NHWC spatial map, tokens (B, N, C), vector (B, C), or other."""
+    if shape is None:
+        return OTHER
+    if len(shape) == 2:
+        return VECTOR
+    if len(shape) == 3:
+        return TOKENS
+    if len(shape) != 4:
+        return OTHER
+    channels = _nearest_channel_count(traced, node)
+    if channels is not None and shape[3] == channels and shape[1] != channels:
+        return NHWC  # e.g. Swin blocks in timm: (B, H, W, C)
+    return NCHW
+
+
+def _nearest_channel_count(traced: Traced, node: fx.Node, budget: int = 64) -> int | None:
+    """Channel count of the closest weight/norm op upstream of ``node`` (breadth first)."""
+    frontier, seen = [node], {node}
+    while frontier and budget > 0:
+        nxt = []
+        for current in frontier:
+            budget -= 1
+            channels = channels_of(traced, current)
+            if channels is not None:
+                return channels
+            for arg in current.all_input_nodes:
+                if arg not in seen:
+                    seen.add(arg)
+                    nxt.append(arg)
+        frontier = nxt
+    return None
+
+
+# --------------------------------------------------------------------------- the main path
+
+def main_path(graph: fx.Graph, values: dict[fx.Node, Value]) -> set[fx.Node]:
+    """Tensor nodes that every input → output path of tensors goes through.
+
+    Scanning the graph in order, a node is on every path exactly when, right after it, all the
+    edges from already-seen relevant nodes to later ones start at that node. Shape reads
+    (``x.shape[0]``) carry no tensor and are left out, so they never hide a cut.
+    """
+    order = [n for n in graph.nodes if values.get(n, Value(None, False)).carries_tensor or n.op == "output"]
+    relevant = _between_inputs_and_output(order)
+    position = {n: i for i, n in enumerate(order)}
+    open_edges: dict[fx.Node, int] = {}  # source node -> number of relevant edges still to close
+    cuts = set()
+    for node in order:
+        if node not in relevant:
+            continue
+        for arg in set(node.all_input_nodes):
+            if arg in open_edges:
+                open_edges[arg] -= 1
+                if open_edges[arg] == 0:
+                    del open_edges[arg]
+        later_users = [u for u in node.users if u in relevant and position[u] > position[node]]
+        if later_users:
+            open_edges[node] = len(later_users)
+        if list(open_edges) == [node] and node.op != "placeholder":
+            cuts.add(node)
+    return cuts
+
+
+def _between_inputs_and_output(order: list[fx.Node]) -> set[fx.Node]:
+    members = set(order)
+    from_inputs = set()
+    for node in order:
+        if node.op == "placeholder" or any(a in from_inputs for a in node.all_input_nodes):
+            from_inputs.add(node)
+    to_output = set()
+    for node in reversed(order):
+        if node.op == "output" or any(u in to_output for u in node.users if u in members):
+            to_output.add(node)
+    return from_inputs & to_output

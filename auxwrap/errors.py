@@ -1,0 +1,31 @@
+"""The errors auxwrap raises: one base class, one subclass per step of the way through the code.
+
+Every message names the module, fusion point or argument at fault and the fix to try.
+"""
+
+from __future__ import annotations
+
+
+class AuxwrapError(Exception):
+    """Base class of every error auxwrap raises on purpose."""
+
+
+class AuxwrapArgumentError(AuxwrapError, TypeError, ValueError):
+    """An argument has the wrong type or value (not a module, bad example inputs, unknown option)."""
+
+
+class AuxwrapTraceError(AuxwrapError):
+    """torch.fx could not trace a model.
+
+    ``module_path`` and ``module_type`` name the innermost module being traced when it failed
+    (``""`` and the model's class when the failure is in the model's own ``forward``).
+    """
+
+    def __init__(self, message: str, module_path: str = "", module_type: type | None = None):
+        super().__init__(message)
+        self.module_path = module_path
+        self.module_type = module_type
+
+
+class AuxwrapTapError(AuxwrapError):
+    """Fusion points (taps) could not be found or resolved."""
