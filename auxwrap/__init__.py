@@ -4,22 +4,30 @@ The way through the code (DESIGN §5): :mod:`auxwrap.trace` (model -> fx graph w
 :mod:`auxwrap.taps` (ordered fusion points with shapes) -> plan -> build -> train -> prune/detach -> count.
 """
 
+from .attach import attach
 from .errors import AuxwrapArgumentError, AuxwrapError, AuxwrapTapError, AuxwrapTraceError
 from .examples import default_example_inputs
+from .fused import AuxOutput, FusedNet
+from .plan import AuxwrapPairingError, Connection
 from .taps import Tap, Unit, find_taps
 from .trace import Traced, trace
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AuxOutput",
     "AuxwrapArgumentError",
     "AuxwrapError",
+    "AuxwrapPairingError",
     "AuxwrapTapError",
     "AuxwrapTraceError",
+    "Connection",
+    "FusedNet",
     "Tap",
     "Traced",
     "Unit",
     "__version__",
+    "attach",
     "default_example_inputs",
     "find_taps",
     "trace",

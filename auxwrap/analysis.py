@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ _ACTIVATION_FUNCTIONS = {F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, 
                          F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, torch.relu,
                          torch.relu_, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh}
 _ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 # --------------------------------------------------------------------------- what a node computes
@@ -67,6 +69,19 @@ def norm_includes_activation(traced: Traced, node: fx.Node) -> bool:
     """timm's ``BatchNormAct2d`` and kin: a norm module that applies its own activation."""
     act = getattr(traced.target_module(node), "act", None)
     return isinstance(act, nn.Module) and not isinstance(act, nn.Identity)
+
+
+def mutates_input(traced: Traced, node: fx.Node) -> bool:
+    """An in-place op: ``nn.ReLU(inplace=True)``, ``x.relu_()``, ``F.relu(x, inplace=True)``."""
+    if node.op == "call_module":
+        return getattr(traced.target_module(node), "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.kwargs.get("inplace") is True or (name.endswith("_") and not name.startswith("_")) or (
+            name.startswith("i") and node.target in _INPLACE_OPERATORS)
+    return False
 
 
 def channels_of(traced: Traced, node: fx.Node) -> int | None:

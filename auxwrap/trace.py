@@ -107,6 +107,7 @@ def trace(
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
+    training: bool | None = None,
 ) -> Traced:
     """Trace ``model`` with torch.fx, recording the owning module path of every node.
 
@@ -115,6 +116,9 @@ def trace(
         leaf_modules: module classes to keep as one opaque call (added to timm's registry).
         autowrap_functions: functions to record as one call instead of tracing through them.
         concrete_args: values for ``forward`` arguments that drive Python control flow.
+        training: trace as in train (True) or eval (False) mode; Python code that reads
+            ``self.training`` (timm's DropPath) is baked into the graph. Default: the current mode.
+            Every module's flag is restored afterwards.
 
     Raises:
         AuxwrapArgumentError: ``model`` is not a traceable ``nn.Module`` or an option is malformed.
@@ -124,13 +128,19 @@ def trace(
     leaves = _check_leaf_modules(leaf_modules) + default_leaf_modules()
     wrapped = _check_functions(autowrap_functions) + default_autowrap_functions()
     tracer = _PathTracer(leaves, wrapped)
+    flags = {m: m.training for m in model.modules()}
+    if training is not None:
+        model.train(training)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
+        graph_module = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
+        return Traced(model=model, graph_module=graph_module, training=model.training)
     except Exception as error:  # torch.fx raises TraceError, TypeError, RuntimeError, ...
         path, cls = tracer.failed_at or ("", type(model))
         raise AuxwrapTraceError(_trace_failure_message(model, path, cls, error), path, cls) from error
-    graph_module = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
-    return Traced(model=model, graph_module=graph_module, training=model.training)
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
 
 
 def _check_model(model: object) -> None:

@@ -1,0 +1,213 @@
+"""``auxwrap.attach``: the way from two (or K+1) models to one fused training network.
+
+trace each branch (train and eval graphs) -> find its fusion points -> plan the connections ->
+build one graph per mode -> wrap in :class:`FusedNet`. Nothing of the user's modules is changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import analysis
+from .analysis import TOKENS
+from .build import Site, fused_graph, sites
+from .errors import AuxwrapArgumentError, AuxwrapTapError
+from .examples import default_example_inputs
+from .fused import FusedNet
+from .fusion import Fusion, Point, token_grid
+from .plan import PRIMARY, AuxwrapPairingError, aux_branch, check_mode, check_window, plan
+from .taps import Tap, find_taps
+from .trace import Traced, trace
+
+TapSpec = str | Sequence[str]
+
+
+def attach(
+    primary: nn.Module,
+    aux: nn.Module | Sequence[nn.Module],
+    mode: str = "nas",
+    *,
+    taps: TapSpec | Mapping[str, TapSpec] = "layer",
+    window: int = 3,
+    example_inputs: Any = None,
+    alpha_init: float = 0.5,
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Iterable[Callable] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> FusedNet:
+    """Fuse ``primary`` with one or more auxiliary models into one training network.
+
+    Args:
+        primary: the model whose task you ship.
+        aux: an auxiliary model, or a sequence of K of them; each is called with the primary's inputs.
+        mode: ``"grad"`` (Aux-G: primary -> auxiliary links only, gates fixed at 1) or ``"nas"``
+            (Aux-NAS: links both ways, each with a learnable gate in [0, 1]).
+        taps: ``"layer"``, ``"stage"``, a list of module paths / node names, or a dict giving one of
+            those per branch (keys ``"primary"``, ``"aux"`` for every auxiliary, ``"aux0"``, ``"aux1"``...).
+        window: each destination point reads this many points of the other branch (paper: 3).
+        example_inputs: a batch the primary takes, to learn shapes; inferred for timm models.
+        alpha_init: initial gate value in mode="nas", both directions (paper: 0.5; the authors'
+            released config starts the auxiliary -> primary gates at 0.001).
+        leaf_modules, autowrap_functions, concrete_args: passed to :func:`auxwrap.trace` for every branch.
+
+    Returns:
+        A :class:`FusedNet`; ``net(x)`` returns ``AuxOutput(primary=..., aux=(...))``.
+    """
+    mode = check_mode(mode)
+    window = check_window(window)
+    gate_init = None if mode == "grad" else _check_alpha(alpha_init)
+    aux_models = _check_models(primary, aux)
+    models = {PRIMARY: primary, **{aux_branch(k): m for k, m in enumerate(aux_models)}}
+    _check_devices(models)
+    inputs = analysis.as_input_tuple(
+        default_example_inputs(primary) if example_inputs is None else example_inputs, type(primary).__name__)
+    trace_options = dict(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions),
+                         concrete_args=concrete_args)
+    specs = _tap_specs(taps, list(models))
+
+    by_mode = {training: {b: trace(m, training=training, **trace_options) for b, m in models.items()}
+               for training in (False, True)}
+    points = _find_points(by_mode[False], inputs, specs)
+    connections = plan(points, mode, window)
+    fusion_sites = sites(connections, points)
+    fusions = {site.name: _fusion(site, models, gate_init) for site in fusion_sites}
+    _check_fusions(fusion_sites, fusions)
+
+    prefixes = {PRIMARY: "primary", **{aux_branch(k): f"aux.{k}" for k in range(len(aux_models))}}
+    graphs = {False: fused_graph(by_mode[False], prefixes, fusion_sites)}
+    if _graphs_differ(by_mode[False], by_mode[True]):
+        train_points = _find_points(by_mode[True], inputs, specs)
+        _check_same_points(points, train_points)
+        graphs[True] = fused_graph(by_mode[True], prefixes, _retarget(fusion_sites, train_points))
+    device, dtype = _device_and_dtype(primary)
+    fusions = {name: f.to(device=device, dtype=dtype) for name, f in fusions.items()}
+    return FusedNet(primary, aux_models, fusions, graphs, mode, points, connections, fusion_sites)
+
+
+# ---------------------------------------------------------------------- argument checks
+
+def _check_alpha(alpha_init: object) -> float:
+    if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)) or not 0.0 <= alpha_init <= 1.0:
+        raise AuxwrapArgumentError(f"alpha_init must be a gate value in [0, 1] (paper: 0.5), got {alpha_init!r}.")
+    return float(alpha_init)
+
+
+def _check_models(primary: object, aux: object) -> list[nn.Module]:
+    if not isinstance(primary, nn.Module):
+        raise AuxwrapArgumentError(f"primary must be an nn.Module, got {type(primary).__name__}.")
+    aux_models = [aux] if isinstance(aux, nn.Module) else list(aux) if isinstance(aux, Sequence) else None
+    if not aux_models or not all(isinstance(m, nn.Module) for m in aux_models):
+        raise AuxwrapArgumentError(
+            f"aux must be an nn.Module or a non-empty sequence of them, got {aux!r:.80}.")
+    owners = {id(p): ("primary", name) for name, p in primary.named_parameters()}
+    for k, model in enumerate(aux_models):
+        if model is primary or any(model is other for other in aux_models[:k]):
+            raise AuxwrapArgumentError(
+                f"aux{k} is the same module instance as {'the primary' if model is primary else 'another auxiliary'}; "
+                "each branch needs its own weights: pass copy.deepcopy(model) or a new instance.")
+        for name, p in model.named_parameters():
+            if id(p) in owners:
+                branch, other = owners[id(p)]
+                raise AuxwrapArgumentError(
+                    f"aux{k} parameter {name!r} is the same tensor as {branch} parameter {other!r}; "
+                    "branches must not share weights (Aux-NAS uses separate branches): pass a copy.")
+            owners[id(p)] = (f"aux{k}", name)
+    return aux_models
+
+
+def _check_devices(models: dict[str, nn.Module]) -> None:
+    devices = {b: {p.device for p in m.parameters()} for b, m in models.items()}
+    everywhere = set().union(*devices.values())
+    if len(everywhere) > 1:
+        where = ", ".join(f"{b} on {', '.join(sorted(map(str, d)))}" for b, d in devices.items())
+        raise AuxwrapArgumentError(
+            f"the branches are on different devices ({where}); move every model to one device "
+            "with .to(device) before attach().")
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+
+
+def _tap_specs(taps: object, branches: list[str]) -> dict[str, TapSpec]:
+    if not isinstance(taps, Mapping):
+        return dict.fromkeys(branches, taps)
+    unknown = [key for key in taps if key not in branches and key != "aux"]
+    if unknown:
+        raise AuxwrapArgumentError(
+            f"taps has unknown branch keys {unknown}; use 'primary', 'aux' (every auxiliary) or one of {branches[1:]}.")
+    return {b: taps.get(b, taps.get("aux", "layer") if b != PRIMARY else "layer") for b in branches}
+
+
+def _find_points(branches: dict[str, Traced], inputs: tuple, specs: dict[str, TapSpec]) -> dict[str, list[Tap]]:
+    points = {}
+    for branch, traced in branches.items():
+        try:
+            points[branch] = find_taps(traced, inputs, specs[branch])
+        except AuxwrapArgumentError as error:  # say which branch did not take the primary's inputs
+            raise AuxwrapArgumentError(f"{branch}: {error}") from error
+    return points
+
+
+# ---------------------------------------------------------------------- fusion modules
+
+def _fusion(site: Site, models: dict[str, nn.Module], gate_init: float | None) -> Fusion:
+    sources = [_point(t, models[site.source_branch]) for t in site.sources]
+    return Fusion(sources, _point(site.dest, models[site.dest_branch]), gate_init)
+
+
+def _point(tap: Tap, model: nn.Module) -> Point:
+    if tap.layout != TOKENS:
+        return Point(tap.layout, tap.channels)
+    prefix = getattr(model, "num_prefix_tokens", None)
+    try:
+        prefix, grid = token_grid(tap.shape[1], prefix)
+    except ValueError:
+        return Point(tap.layout, tap.channels, prefix or 0, None)
+    return Point(tap.layout, tap.channels, prefix, grid)
+
+
+def _check_fusions(fusion_sites: list[Site], fusions: dict[str, Fusion]) -> None:
+    """Run each fusion once on zeros of the recorded shapes, so bad pairings fail here, by name."""
+    for site in fusion_sites:
+        dest = torch.zeros(site.dest.shape)
+        sources = [torch.zeros(s.shape) for s in site.sources]
+        try:
+            with torch.no_grad():
+                out = fusions[site.name](dest, *sources)
+        except Exception as error:
+            sources = [s.describe() for s in site.sources]
+            raise AuxwrapPairingError(
+                f"cannot fuse {site.source_branch} points {sources} into {site.dest_branch} point "
+                f"{site.dest.describe()}: {error}; choose other points with taps=...") from error
+        if out.shape != dest.shape:
+            raise AuxwrapPairingError(f"fusion {site.name} changes the shape {tuple(dest.shape)} -> {tuple(out.shape)}")
+
+
+# ---------------------------------------------------------------------- train and eval graphs
+
+def _graphs_differ(eval_branches: dict[str, Traced], train_branches: dict[str, Traced]) -> bool:
+    return any(eval_branches[b].graph_module.code != train_branches[b].graph_module.code for b in eval_branches)
+
+
+def _check_same_points(eval_points: dict[str, list[Tap]], train_points: dict[str, list[Tap]]) -> None:
+    for branch, taps in eval_points.items():
+        ours = [(t.name, t.shape) for t in taps]
+        theirs = [(t.name, t.shape) for t in train_points[branch]]
+        if ours != theirs:
+            raise AuxwrapTapError(
+                f"the train-mode and eval-mode graphs of {branch} have different fusion points "
+                f"({len(theirs)} vs {len(ours)}); name the points by module path with taps=[...].")
+
+
+def _retarget(fusion_sites: list[Site], points: dict[str, list[Tap]]) -> list[Site]:
+    """The same sites, with taps (and so node names) of the other mode's graphs."""
+    by_name = {b: {t.name: t for t in taps} for b, taps in points.items()}
+    return [Site(s.name, s.dest_branch, by_name[s.dest_branch][s.dest.name], s.source_branch,
+                 tuple(by_name[s.source_branch][t.name] for t in s.sources)) for s in fusion_sites]
+

@@ -1,0 +1,138 @@
+"""The fusion node of Aux-NAS (Eq. 13/14) and the resizing that brings a source to its destination.
+
+At destination point i, from the sources j of one other branch::
+
+    R_i = R~_i + W_i . concat_j(alpha_j * resize(S_j))
+
+W_i is a 1x1 convolution (NCHW maps) or a linear layer (channels-last maps, tokens, vectors),
+zero-initialised and bias-free, so at step 0 the fused network computes exactly the original
+branches. Where the destination ends a conv -> norm -> activation unit, R~_i is the conv output and
+the backbone's own norm and activation follow the fusion (Eq. 13 as written); elsewhere they are
+identity. The gates alpha are kept in [0, 1] by clamping, not by a sigmoid: a proximal L1 step then
+reaches exact zeros, so cutting a converged auxiliary -> primary link changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import skip_init
+
+from .analysis import NCHW, NHWC, TOKENS, VECTOR
+
+
+@dataclass(frozen=True)
+class Point:
+    """What the fusion needs to know of a point's output: layout, channels, token prefix and grid."""
+
+    layout: str
+    channels: int
+    prefix: int = 0                    # class/distillation/register tokens before the grid (tokens)
+    grid: tuple[int, int] | None = None  # (h, w) of the token grid on the example inputs (tokens)
+
+
+def token_grid(n_tokens: int, prefix: int | None) -> tuple[int, tuple[int, int]]:
+    """Prefix count and (h, w) of a square token grid; the prefix is inferred when not given."""
+    candidates = [prefix] if prefix is not None else range(0, min(n_tokens, 9))
+    for p in candidates:
+        side = math.isqrt(n_tokens - p)
+        if side * side == n_tokens - p and side > 0:
+            return p, (side, side)
+    raise ValueError(f"{n_tokens} tokens do not form a square grid after {prefix} prefix tokens")
+
+
+def to_map(x: torch.Tensor, point: Point) -> torch.Tensor:
+    """A spatial source as an NCHW map."""
+    if point.layout == NCHW:
+        return x
+    if point.layout == NHWC:
+        return x.permute(0, 3, 1, 2)
+    h, w = _grid(x.shape[1] - point.prefix, point.grid)
+    return x[:, point.prefix:].transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+
+
+def resize(x: torch.Tensor, source: Point, dest: Point, like: torch.Tensor) -> torch.Tensor:
+    """Bring source ``x`` to the layout and size of the destination tensor ``like``."""
+    if dest.layout == VECTOR:
+        return x
+    if dest.layout == NCHW:
+        return _resize_map(to_map(x, source), like.shape[-2:])
+    if dest.layout == NHWC:
+        if source.layout == NHWC and x.shape[1:3] == like.shape[1:3]:
+            return x
+        return _resize_map(to_map(x, source), like.shape[1:3]).permute(0, 2, 3, 1)
+    if source.layout == TOKENS and source.prefix == dest.prefix and x.shape[1] == like.shape[1]:
+        return x
+    # tokens through the destination's grid; its prefix tokens are the source's where they match, else zeros
+    h, w = _grid(like.shape[1] - dest.prefix, dest.grid)
+    grid = _resize_map(to_map(x, source), (h, w)).flatten(2).transpose(1, 2)
+    if dest.prefix == 0:
+        return grid
+    if source.layout == TOKENS and source.prefix == dest.prefix:
+        prefix = x[:, :dest.prefix]
+    else:
+        prefix = grid.new_zeros(grid.shape[0], dest.prefix, grid.shape[2])
+    return torch.cat([prefix, grid], dim=1)
+
+
+def _resize_map(x: torch.Tensor, size) -> torch.Tensor:  # noqa: ANN001
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _grid(n: int, example: tuple[int, int] | None) -> tuple[int, int]:
+    if example is not None and example[0] * example[1] == n:
+        return example
+    side = math.isqrt(n)
+    if side * side != n:
+        raise RuntimeError(f"auxwrap: {n} grid tokens do not form the example's {example} grid or a square one")
+    return side, side
+
+
+class Fusion(nn.Module):
+    """``dest + W . concat(alpha_j * resize(source_j))`` at one point, from one other branch.
+
+    Args:
+        sources: the source points, in the order their tensors are passed to ``forward``.
+        dest: the destination point.
+        gate_init: initial gate value of every source; ``None`` for fixed gates of 1 (Aux-G).
+    """
+
+    def __init__(self, sources: list[Point], dest: Point, gate_init: float | None):
+        super().__init__()
+        self.sources = list(sources)
+        self.dest = dest
+        in_channels = sum(s.channels for s in sources)
+        if dest.layout == NCHW:  # skip_init: the random init would be overwritten by zeros anyway
+            self.weight = skip_init(nn.Conv2d, in_channels, dest.channels, 1, bias=False)
+        else:
+            self.weight = skip_init(nn.Linear, in_channels, dest.channels, bias=False)
+        nn.init.zeros_(self.weight.weight)
+        self.gate = None if gate_init is None else nn.Parameter(torch.full((len(sources),), float(gate_init)))
+
+    def gates(self) -> torch.Tensor:
+        """The gate values in [0, 1] (ones for fixed gates)."""
+        if self.gate is None:
+            return torch.ones(len(self.sources))
+        return self.gate.detach().clamp(0.0, 1.0)
+
+    def contribution(self, dest: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        """``W . concat(alpha_j * resize(source_j))``: what this fusion adds to ``dest``."""
+        features = [resize(x, point, self.dest, dest) for x, point in zip(sources, self.sources, strict=True)]
+        if self.gate is not None:
+            gates = self.gate.clamp(0.0, 1.0)
+            features = [gates[j] * f for j, f in enumerate(features)]
+        channel_dim = 1 if self.dest.layout == NCHW else -1
+        return self.weight(torch.cat(features, dim=channel_dim))
+
+    def forward(self, dest: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        return dest + self.contribution(dest, *sources)
+
+    def extra_repr(self) -> str:
+        gates = "fixed 1" if self.gate is None else "learnable"
+        return f"{len(self.sources)} sources -> {self.dest.layout} x{self.dest.channels}, gates {gates}"
