@@ -5,8 +5,11 @@ The way through the code (DESIGN §5): :mod:`auxwrap.trace` (model -> fx graph w
 """
 
 from .attach import attach
+from .deploy import AuxwrapPruneError, AuxwrapPruneWarning, export, export_onnx, prune
 from .errors import AuxwrapArgumentError, AuxwrapError, AuxwrapTapError, AuxwrapTraceError
 from .examples import default_example_inputs
+from .flops import count_flops, count_norm_layers, count_parameters, report
+from .fold import FoldReport, fold_batchnorm
 from .fused import AuxOutput, FusedNet
 from .plan import AuxwrapPairingError, Connection
 from .taps import Tap, Unit, find_taps
@@ -19,16 +22,27 @@ __all__ = [
     "AuxwrapArgumentError",
     "AuxwrapError",
     "AuxwrapPairingError",
+    "AuxwrapPruneError",
+    "AuxwrapPruneWarning",
     "AuxwrapTapError",
     "AuxwrapTraceError",
     "Connection",
+    "FoldReport",
     "FusedNet",
     "Tap",
     "Traced",
     "Unit",
     "__version__",
     "attach",
+    "count_flops",
+    "count_norm_layers",
+    "count_parameters",
     "default_example_inputs",
+    "export",
+    "export_onnx",
     "find_taps",
+    "fold_batchnorm",
+    "prune",
+    "report",
     "trace",
 ]

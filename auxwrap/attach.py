@@ -85,7 +85,8 @@ def attach(
         graphs[True] = fused_graph(by_mode[True], prefixes, _retarget(fusion_sites, train_points))
     device, dtype = _device_and_dtype(primary)
     fusions = {name: f.to(device=device, dtype=dtype) for name, f in fusions.items()}
-    return FusedNet(primary, aux_models, fusions, graphs, mode, points, connections, fusion_sites)
+    return FusedNet(primary, aux_models, fusions, graphs, mode, points, connections, fusion_sites, inputs,
+                    trace_options)
 
 
 # ---------------------------------------------------------------------- argument checks

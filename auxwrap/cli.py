@@ -1,4 +1,4 @@
-"""The command line: ``python -m auxwrap demo`` and ``python -m auxwrap taps MODEL``."""
+"""The command line: ``python -m auxwrap demo``, ``taps MODEL`` and ``flops --primary P --aux A``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from collections.abc import Sequence
 import torch
 
 from . import __version__
+from .attach import attach
 from .errors import AuxwrapError
+from .flops import report
 from .models import build_model
 from .taps import Tap, find_taps
 from .trace import trace
@@ -28,10 +30,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     taps = commands.add_parser("taps", help="list the fusion points of a timm or torchvision model")
     taps.add_argument("model", help="e.g. timm:resnet50 or torchvision:vgg16")
     taps.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    flops = commands.add_parser("flops", help="FLOPs, parameters and norm layers: primary, fused, deployed")
+    flops.add_argument("--primary", required=True, help="e.g. timm:resnet50 or torchvision:vgg16")
+    flops.add_argument("--aux", required=True, nargs="+", help="one or more auxiliary models")
+    flops.add_argument("--mode", choices=("grad", "nas"), default="nas")
+    flops.add_argument("--taps", default="layer", help="layer or stage (default layer)")
+    flops.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    flops.add_argument("--batch", type=int, default=1, help="batch size of the counted pass (default 1)")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             return _demo(args.quick)
+        if args.command == "flops":
+            return _flops(args)
         return _show_taps(args.model, args.size)
     except AuxwrapError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -65,6 +76,17 @@ def _show_taps(spec: str, size: int, role: str = "model", **kwargs) -> int:  # n
     print(_tap_table(layers, stage_names))
     print()
     return 0 if same else 1
+
+
+def _flops(args: argparse.Namespace) -> int:
+    primary = build_model(args.primary).eval()
+    aux = [build_model(spec).eval() for spec in args.aux]
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    net = attach(primary, aux, args.mode, taps=args.taps, example_inputs=(x,))
+    print(f"{args.primary} + {', '.join(args.aux)} (mode={args.mode}, taps={args.taps}, "
+          f"{len(net.connections())} connections)\n")
+    print(report(net, x))
+    return 0
 
 
 def _tap_table(taps: list[Tap], stage_names: set[str]) -> str:

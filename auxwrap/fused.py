@@ -34,13 +34,18 @@ class FusedNet(nn.Module):
 
     def __init__(self, primary: nn.Module, aux: list[nn.Module], fusions: dict[str, Fusion],
                  graphs: dict[bool, fx.Graph], mode: str, taps: dict[str, list[Tap]],
-                 connections: list[Connection], sites: list[Site]):
+                 connections: list[Connection], sites: list[Site], example_inputs: tuple,
+                 trace_options: dict[str, Any]):
         super().__init__()
         self.primary = primary
         self.aux = nn.ModuleList(aux)
         self.fusions = nn.ModuleDict(fusions)
+        self.deploy_switch = _DeploySwitch(self)
         self.mode = mode
         self.taps = taps
+        self.example_inputs = tuple(x.detach() if hasattr(x, "detach") else x for x in example_inputs)
+        self.trace_options = trace_options
+        self.deployed = False
         self._graphs = graphs
         self._links = connections
         self._sites = sites
@@ -50,6 +55,8 @@ class FusedNet(nn.Module):
     # ------------------------------------------------------------------ running
 
     def forward(self, *args: Any, **kwargs: Any) -> AuxOutput:
+        if self.deployed:
+            return AuxOutput(self.primary(*args, **kwargs), ())
         primary, aux = self._program()(*args, **kwargs)
         return AuxOutput(primary, tuple(aux))
 
@@ -63,6 +70,11 @@ class FusedNet(nn.Module):
                 setattr(program, name, getattr(self, name))  # the live modules, not GraphModule's copies
             self._programs[key] = program
         return program
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The fx program of the current mode (it calls this network's own submodules)."""
+        return self._program()
 
     @property
     def code(self) -> str:
@@ -105,8 +117,46 @@ class FusedNet(nn.Module):
             if dest_branch is None or site.dest_branch == dest_branch:
                 yield site, self.fusions[site.name]
 
+    # ------------------------------------------------------------------ deployment
+
+    def detach_primary(self) -> fx.GraphModule:
+        """The primary alone: a new eval-mode GraphModule, BatchNorms folded (see :mod:`auxwrap.deploy`)."""
+        from .deploy import detach_primary
+
+        return detach_primary(self)
+
+    def switch_to_deploy(self) -> None:
+        """In place, as RepVGG / timm's ``reparameterize_model`` expect: from now on this module runs the
+        detached primary alone and returns ``AuxOutput(primary, ())``; the auxiliaries are dropped."""
+        if self.deployed:
+            return
+        deployed = self.detach_primary()
+        # reassign (never add or remove) children: reparameterize_model iterates over them meanwhile
+        self.primary, self.aux, self.fusions = deployed, nn.ModuleList(), nn.ModuleDict()
+        self._graphs, self._programs, self._links, self._sites = {}, {}, [], []
+        self.deployed = True
+
+    reparameterize = switch_to_deploy
+
     def extra_repr(self) -> str:
         n_aux = len(self.aux)
         to_primary = sum(1 for c in self._links if c.dest_branch == PRIMARY)
+        if self.deployed:
+            return f"mode={self.mode!r}, deployed: the primary alone"
         return (f"mode={self.mode!r}, auxiliaries={n_aux}, connections={len(self._links)} "
                 f"({to_primary} into the primary)")
+
+
+class _DeploySwitch(nn.Module):
+    """Lets ``timm.utils.reparameterize_model(net)`` reach the network itself: it calls
+    ``reparameterize()`` on children only, and this child forwards the call to its owner."""
+
+    def __init__(self, owner: FusedNet):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # not a submodule: no cycle in modules()
+
+    def reparameterize(self) -> None:
+        self.owner.switch_to_deploy()
+
+    def forward(self) -> None:  # never called
+        raise RuntimeError("auxwrap: _DeploySwitch is not meant to be called")

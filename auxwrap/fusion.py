@@ -123,12 +123,28 @@ class Fusion(nn.Module):
 
     def contribution(self, dest: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
         """``W . concat(alpha_j * resize(source_j))``: what this fusion adds to ``dest``."""
-        features = [resize(x, point, self.dest, dest) for x, point in zip(sources, self.sources, strict=True)]
-        if self.gate is not None:
-            gates = self.gate.clamp(0.0, 1.0)
-            features = [gates[j] * f for j, f in enumerate(features)]
         channel_dim = 1 if self.dest.layout == NCHW else -1
-        return self.weight(torch.cat(features, dim=channel_dim))
+        return self.weight(torch.cat(self._gated_features(dest, sources), dim=channel_dim))
+
+    def source_contributions(self, dest: torch.Tensor, *sources: torch.Tensor) -> list[torch.Tensor]:
+        """What each source adds on its own: ``W_j . (alpha_j * resize(source_j))``; they sum to
+        :meth:`contribution`."""
+        features = self._gated_features(dest, sources)
+        if self.dest.layout == NCHW:
+            return [F.conv2d(f, self.source_weight(j)) for j, f in enumerate(features)]
+        return [F.linear(f, self.source_weight(j)) for j, f in enumerate(features)]
+
+    def source_weight(self, j: int) -> torch.Tensor:
+        """The columns of W that read source ``j``."""
+        start = sum(s.channels for s in self.sources[:j])
+        return self.weight.weight[:, start:start + self.sources[j].channels]
+
+    def _gated_features(self, dest: torch.Tensor, sources: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        features = [resize(x, point, self.dest, dest) for x, point in zip(sources, self.sources, strict=True)]
+        if self.gate is None:
+            return features
+        gates = self.gate.clamp(0.0, 1.0)
+        return [gates[j] * f for j, f in enumerate(features)]
 
     def forward(self, dest: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
         return dest + self.contribution(dest, *sources)

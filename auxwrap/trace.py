@@ -74,7 +74,8 @@ def default_autowrap_functions() -> tuple[Callable, ...]:
 class _PathTracer(fx.Tracer):
     """An fx tracer that records the owning module path of every node and where tracing failed."""
 
-    def __init__(self, leaf_modules: tuple[type, ...], autowrap_functions: tuple[Callable, ...]):
+    def __init__(self, leaf_modules: tuple[type, ...] = (), autowrap_functions: tuple[Callable, ...] = ()):
+        # defaults: torch.fx re-creates the tracer class without arguments when it unpickles a GraphModule
         super().__init__(autowrap_functions=autowrap_functions)
         self._leaf_types = leaf_modules
         self._current_path = ""

@@ -11,43 +11,9 @@ import auxwrap
 from auxwrap.build import BRANCH
 from auxwrap.plan import TO_AUX, TO_PRIMARY, sources_of
 
-from .zoo import DictNet, ResidualNet, sequential_cnn
+from .zoo import ARCHS, PAIRS, DictNet, ResidualNet, make
 
 tv = torchvision.models
-
-
-def _no_dropout(name, **kwargs):
-    return lambda: timm.create_model(name, pretrained=False, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
-
-
-# (builder, input size); dropout and drop-path off so that train-mode outputs are deterministic
-ARCHS = {
-    "tv_resnet18": (lambda: tv.resnet18(num_classes=10), 32),
-    "tv_vgg11_bn": (lambda: tv.vgg11_bn(num_classes=10, dropout=0.0), 32),
-    "timm_resnet50": (_no_dropout("resnet50", num_classes=10), 64),
-    "timm_efficientnet_b0": (_no_dropout("efficientnet_b0", num_classes=10), 64),
-    "tv_mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=10, dropout=0.0), 64),
-    "timm_convnext_atto": (_no_dropout("convnext_atto", num_classes=10), 64),
-    "timm_regnetx_002": (_no_dropout("regnetx_002", num_classes=10), 64),
-    "tv_densenet121": (lambda: tv.densenet121(num_classes=10), 64),
-    "timm_deit_tiny": (_no_dropout("deit_tiny_patch16_224", img_size=32, num_classes=10), 32),
-    "timm_swin_tiny": (_no_dropout("swin_tiny_patch4_window7_224", img_size=64, window_size=2, num_classes=10), 64),
-    "sequential_cnn": (sequential_cnn, 16),
-    "dict_net": (DictNet, 16),
-}
-# mixed pairs: maps with maps of another depth, tokens with maps both ways
-PAIRS = {
-    "resnet18+vgg11_bn": ("tv_resnet18", "tv_vgg11_bn"),
-    "deit_tiny+resnet18": ("timm_deit_tiny", "tv_resnet18"),
-    "resnet18+deit_tiny": ("tv_resnet18", "timm_deit_tiny"),
-    "swin_tiny+convnext_atto": ("timm_swin_tiny", "timm_convnext_atto"),
-}
-
-
-def _make(name):
-    builder, size = ARCHS[name]
-    torch.manual_seed(0)
-    return builder(), torch.randn(2, 3, size, size)
 
 
 def _first_tensor(out):
@@ -83,8 +49,8 @@ def _assert_primary_equals_original(net, primary, x):
 @pytest.mark.parametrize("mode", ["grad", "nas"])
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_identity_at_initialisation(name, mode):
-    primary, x = _make(name)
-    aux, _ = _make(name)
+    primary, x = make(name)
+    aux, _ = make(name)
     net = auxwrap.attach(primary, aux, mode, example_inputs=(x,))
     _assert_primary_equals_original(net, primary, x)
     with torch.no_grad():
@@ -96,8 +62,8 @@ def test_identity_at_initialisation(name, mode):
 @pytest.mark.parametrize("mode", ["grad", "nas"])
 @pytest.mark.parametrize("pair", list(PAIRS))
 def test_identity_for_mixed_pairs(pair, mode):
-    primary, x = _make(PAIRS[pair][0])
-    aux, _ = _make(PAIRS[pair][1])
+    primary, x = make(PAIRS[pair][0])
+    aux, _ = make(PAIRS[pair][1])
     net = auxwrap.attach(primary, aux, mode, example_inputs=(x,))
     assert len(net.connections()) > 0
     _assert_primary_equals_original(net, primary, x)
@@ -118,8 +84,8 @@ def _train_steps(net, x, steps=3, aux_only=False):
 
 @pytest.mark.parametrize("pair", ["resnet18+vgg11_bn", "deit_tiny+resnet18"])
 def test_grad_mode_primary_stays_the_original_after_training(pair):
-    primary, x = _make(PAIRS[pair][0])
-    aux, _ = _make(PAIRS[pair][1])
+    primary, x = make(PAIRS[pair][0])
+    aux, _ = make(PAIRS[pair][1])
     net = auxwrap.attach(primary, aux, "grad", example_inputs=(x,))
     _train_steps(net, x)
     assert any(f.weight.weight.abs().sum() > 0 for f in net.fusions.values())  # the links moved
@@ -128,8 +94,8 @@ def test_grad_mode_primary_stays_the_original_after_training(pair):
 
 @pytest.mark.parametrize("name", ["tv_resnet18", "tv_vgg11_bn", "timm_deit_tiny", "timm_swin_tiny"])
 def test_auxiliary_loss_alone_trains_the_primary_once_links_moved(name):
-    primary, x = _make(name)
-    aux, _ = _make(name)
+    primary, x = make(name)
+    aux, _ = make(name)
     net = auxwrap.attach(primary, aux, "grad", example_inputs=(x,))
 
     def primary_grad_from_aux_loss():
@@ -146,8 +112,8 @@ def test_auxiliary_loss_alone_trains_the_primary_once_links_moved(name):
 
 @pytest.mark.parametrize("name", ["tv_resnet18", "timm_deit_tiny", "tv_vgg11_bn"])
 def test_nas_mode_has_the_auxiliary_to_primary_path(name):
-    primary, x = _make(name)
-    aux, _ = _make(name)
+    primary, x = make(name)
+    aux, _ = make(name)
     net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,)).eval()
     before = net(x).primary
     with torch.no_grad():
@@ -161,8 +127,8 @@ def test_nas_mode_has_the_auxiliary_to_primary_path(name):
 
 
 def test_grad_mode_has_no_auxiliary_to_primary_links_and_fixed_gates():
-    primary, x = _make("tv_resnet18")
-    aux, _ = _make("tv_resnet18")
+    primary, x = make("tv_resnet18")
+    aux, _ = make("tv_resnet18")
     net = auxwrap.attach(primary, aux, "grad", example_inputs=(x,))
     assert net.arch_parameters() == []
     assert {c.direction for c in net.connections()} == {TO_AUX}
@@ -171,8 +137,8 @@ def test_grad_mode_has_no_auxiliary_to_primary_links_and_fixed_gates():
 
 
 def test_nas_mode_links_both_ways_with_gates_at_alpha_init():
-    primary, x = _make("tv_resnet18")
-    aux, _ = _make("tv_resnet18")
+    primary, x = make("tv_resnet18")
+    aux, _ = make("tv_resnet18")
     net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,), alpha_init=0.25)
     links = net.connections()
     assert {c.direction for c in links} == {TO_AUX, TO_PRIMARY}
@@ -189,8 +155,8 @@ def test_window_and_relative_depth_pairing():
     assert sources_of(3, 16, 4, 3) == [0]                  # 16 points reading 4: depth 4/16 reads 1/4
     assert sources_of(2, 16, 4, 3) == []                   # nothing of the other branch is that shallow yet
     assert sources_of(3, 4, 16, 3) == [13, 14, 15]         # 4 points reading 16
-    primary, x = _make("tv_resnet18")
-    aux, _ = _make("tv_resnet18")
+    primary, x = make("tv_resnet18")
+    aux, _ = make("tv_resnet18")
     net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,), window=2)
     names = [t.name for t in net.taps["primary"]]
     for c in net.connections():
@@ -198,8 +164,8 @@ def test_window_and_relative_depth_pairing():
 
 
 def test_graph_reads_every_source_before_its_own_fusion():
-    primary, x = _make("timm_deit_tiny")
-    aux, _ = _make("tv_resnet18")
+    primary, x = make("timm_deit_tiny")
+    aux, _ = make("tv_resnet18")
     net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,))
     graph = net.graph
     graph.lint()  # every node is defined before it is used: the graph is acyclic
@@ -241,8 +207,8 @@ def test_outputs_keep_each_models_structure():
 
 
 def test_parameter_names_keep_the_originals_under_a_branch_prefix():
-    primary, x = _make("tv_resnet18")
-    aux, _ = _make("timm_deit_tiny")
+    primary, x = make("tv_resnet18")
+    aux, _ = make("timm_deit_tiny")
     net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,))
     keys = net.state_dict().keys()
     assert {f"primary.{k}" for k in primary.state_dict()} <= keys
@@ -256,11 +222,11 @@ def test_parameter_names_keep_the_originals_under_a_branch_prefix():
 
 
 def test_state_dict_round_trip_into_a_new_fused_network():
-    primary, x = _make("tv_resnet18")
-    aux, _ = _make("tv_resnet18")
+    primary, x = make("tv_resnet18")
+    aux, _ = make("tv_resnet18")
     net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,))
     _train_steps(net, x, steps=2)
-    other = auxwrap.attach(*(_make("tv_resnet18")[0] for _ in range(2)), "nas", example_inputs=(x,))
+    other = auxwrap.attach(*(make("tv_resnet18")[0] for _ in range(2)), "nas", example_inputs=(x,))
     other.load_state_dict(net.state_dict())
     net.eval(), other.eval()
     assert torch.equal(net(x).primary, other(x).primary)
@@ -282,8 +248,8 @@ def test_deepcopy_and_pickle_give_independent_equal_networks():
 
 
 def test_train_eval_and_dtype():
-    primary, x = _make("tv_resnet18")
-    aux, _ = _make("tv_resnet18")
+    primary, x = make("tv_resnet18")
+    aux, _ = make("tv_resnet18")
     net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,))
     assert net.train() is net and all(m.training for m in net.modules())
     net.eval()
@@ -307,8 +273,8 @@ def test_train_and_eval_graphs_are_kept_apart_where_they_differ():
 
 
 def test_other_batch_and_input_sizes_than_the_example():
-    primary, x = _make("timm_convnext_atto")
-    aux, _ = _make("tv_resnet18")
+    primary, x = make("timm_convnext_atto")
+    aux, _ = make("tv_resnet18")
     net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,)).eval()
     with torch.no_grad():
         for fusion in net.fusions.values():
@@ -318,8 +284,8 @@ def test_other_batch_and_input_sizes_than_the_example():
 
 
 def test_generated_code_interleaves_the_branches_and_shows_the_fusion_calls():
-    primary, x = _make("tv_resnet18")
-    aux, _ = _make("tv_vgg11_bn")
+    primary, x = make("tv_resnet18")
+    aux, _ = make("tv_vgg11_bn")
     net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,))
     code = net.code
     assert "self.fusions.aux0_features_6_from_primary(aux0_features_4, primary_layer1_0_relu_1)" in code
@@ -332,8 +298,8 @@ def test_generated_code_interleaves_the_branches_and_shows_the_fusion_calls():
 
 def test_inplace_activations_do_not_overwrite_what_the_other_branch_reads():
     # torchvision's VGG uses ReLU(inplace=True) right after the conv outputs the auxiliary reads
-    primary, x = _make("tv_vgg11_bn")
-    aux, _ = _make("tv_vgg11_bn")
+    primary, x = make("tv_vgg11_bn")
+    aux, _ = make("tv_vgg11_bn")
     net = auxwrap.attach(primary, aux, "grad", example_inputs=(x,))
     assert "_kept = " in net.code or "clone" in net.code
     _train_steps(net, x, steps=2)  # autograd would fail on a tensor changed in place after use
@@ -341,8 +307,8 @@ def test_inplace_activations_do_not_overwrite_what_the_other_branch_reads():
 
 
 def test_taps_per_branch():
-    primary, x = _make("tv_resnet18")
-    aux, _ = _make("timm_deit_tiny")
+    primary, x = make("tv_resnet18")
+    aux, _ = make("timm_deit_tiny")
     net = auxwrap.attach(primary, aux, "grad", taps={"primary": "stage", "aux": ["blocks.3", "blocks.7"]},
                          example_inputs=(x,))
     assert [t.name for t in net.taps["primary"]] == ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]

@@ -93,3 +93,38 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
     builder, size, _, _ = ZOO[name]
     model = builder().eval()
     return model, torch.randn(2, 3, size, size)
+
+
+def _no_dropout(name, **kwargs):
+    return lambda: timm.create_model(name, pretrained=False, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
+
+
+# (builder, input size); dropout and drop-path off so that train-mode outputs are deterministic
+ARCHS = {
+    "tv_resnet18": (lambda: tv.resnet18(num_classes=10), 32),
+    "tv_vgg11_bn": (lambda: tv.vgg11_bn(num_classes=10, dropout=0.0), 32),
+    "timm_resnet50": (_no_dropout("resnet50", num_classes=10), 64),
+    "timm_efficientnet_b0": (_no_dropout("efficientnet_b0", num_classes=10), 64),
+    "tv_mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=10, dropout=0.0), 64),
+    "timm_convnext_atto": (_no_dropout("convnext_atto", num_classes=10), 64),
+    "timm_regnetx_002": (_no_dropout("regnetx_002", num_classes=10), 64),
+    "tv_densenet121": (lambda: tv.densenet121(num_classes=10), 64),
+    "timm_deit_tiny": (_no_dropout("deit_tiny_patch16_224", img_size=32, num_classes=10), 32),
+    "timm_swin_tiny": (_no_dropout("swin_tiny_patch4_window7_224", img_size=64, window_size=2, num_classes=10), 64),
+    "sequential_cnn": (sequential_cnn, 16),
+    "dict_net": (DictNet, 16),
+}
+# mixed pairs: maps with maps of another depth, tokens with maps both ways
+PAIRS = {
+    "resnet18+vgg11_bn": ("tv_resnet18", "tv_vgg11_bn"),
+    "deit_tiny+resnet18": ("timm_deit_tiny", "tv_resnet18"),
+    "resnet18+deit_tiny": ("tv_resnet18", "timm_deit_tiny"),
+    "swin_tiny+convnext_atto": ("timm_swin_tiny", "timm_convnext_atto"),
+}
+
+
+def make(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """A fresh model of ARCHS (seeded) and an input batch for it."""
+    builder, size = ARCHS[name]
+    torch.manual_seed(0)
+    return builder(), torch.randn(2, 3, size, size)

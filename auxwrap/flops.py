@@ -1,0 +1,134 @@
+"""Step 7 — count: FLOPs (2 x MACs), parameters and norm layers of one forward (and backward) pass.
+
+Built on ``torch.utils.flop_counter.FlopCounterMode``, which counts convolutions and matrix products
+only. On the CPU, fused attention runs as ``_scaled_dot_product_flash_attention_for_cpu``, which
+torch does not count; auxwrap registers the standard attention formula for it (forward and
+backward), so a ViT counts the same with fused attention on or off. Norms are never counted as
+FLOPs: the report lists the number of norm layers beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+from . import analysis
+from .trace import Traced, trace
+
+_aten = torch.ops.aten
+
+
+def _register_cpu_attention_formulas() -> None:
+    forward = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    try:
+        if forward is not None:
+            @register_flop_formula(forward)
+            def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001
+                return sdpa_flop_count(query_shape, key_shape, value_shape)
+        if backward is not None:
+            @register_flop_formula(backward)
+            def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args,  # noqa: ANN001
+                                   out_shape=None, **kwargs) -> int:
+                return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+    except RuntimeError:  # already registered (by torch itself in a later release, or a reload)
+        pass
+
+
+_register_cpu_attention_formulas()
+
+
+def count_flops(module: nn.Module, *inputs: object, backward: bool = False) -> int:
+    """FLOPs (2 x multiply-accumulates) of one forward pass of ``module`` on ``inputs``.
+
+    With ``backward=True``, of one forward and one backward pass (of the sum of every output),
+    as a training step costs. Runs the module; no gradient is left on its parameters.
+    """
+    counter = FlopCounterMode(display=False)
+    if not backward:
+        with counter, torch.no_grad():
+            module(*inputs)
+        return counter.get_total_flops()
+    params = [p for p in module.parameters() if p.requires_grad]
+    with counter:
+        outputs, _ = tree_flatten(module(*inputs))
+        total = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad)
+        torch.autograd.grad(total, params, allow_unused=True)
+    return counter.get_total_flops()
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_norm_layers(module: nn.Module) -> int:
+    """Norm layers a forward pass runs: norm modules called and functional norms, counted in its fx graph
+    (a :class:`auxwrap.FusedNet` is counted in the program of its current mode)."""
+    graph_module = getattr(module, "graph_module", None)
+    if not isinstance(graph_module, torch.fx.GraphModule):
+        graph_module = module if isinstance(module, torch.fx.GraphModule) else trace(module).graph_module
+    traced = Traced(model=graph_module, graph_module=graph_module, training=graph_module.training)
+    return sum(analysis.is_norm_op(traced, node) for node in graph_module.graph.nodes)
+
+
+@dataclass(frozen=True)
+class CostRow:
+    model: str
+    flops: int
+    params: int
+    norm_layers: int | None
+
+    @property
+    def macs(self) -> int:
+        return self.flops // 2
+
+
+@dataclass(frozen=True)
+class Report:
+    """Costs of the original primary, the fused training network and the deployed primary."""
+
+    rows: tuple[CostRow, ...]
+    inputs: str
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    def to_markdown(self) -> str:
+        base = self.rows[0]
+        lines = [f"costs on inputs {self.inputs}", "",
+                 "| model | GFLOPs | GMACs | params (M) | norm layers | FLOPs / primary |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for row in self.rows:
+            norms = "" if row.norm_layers is None else str(row.norm_layers)
+            lines.append(f"| {row.model} | {row.flops / 1e9:.4g} | {row.macs / 1e9:.4g} | {row.params / 1e6:.4g} | "
+                         f"{norms} | {row.flops / base.flops:.3f} |")
+        return "\n".join(lines)
+
+
+def report(net: nn.Module, *inputs: object) -> Report:
+    """One table: original primary, fused training graph (forward; forward + backward), deployed primary.
+
+    ``net`` is a :class:`auxwrap.FusedNet`; ``inputs`` default to its example inputs. The deployed
+    primary is what ``prune(net)`` returns, computed without cutting anything in ``net``.
+    """
+    from .deploy import fold_primary
+
+    inputs = inputs or net.example_inputs
+    deployed = fold_primary(net)
+    with analysis.eval_mode(net):  # eval: the counts are the same and no BatchNorm statistics move
+        primary, norms = net.primary, count_norm_layers(net)
+        rows = (
+            CostRow("original primary", count_flops(primary, *inputs), count_parameters(primary),
+                    count_norm_layers(primary)),
+            CostRow("fused training graph, forward", count_flops(net, *inputs), count_parameters(net), norms),
+            CostRow("fused training graph, forward + backward", count_flops(net, *inputs, backward=True),
+                    count_parameters(net), norms),
+            CostRow("deployed primary", count_flops(deployed, *inputs), count_parameters(deployed),
+                    count_norm_layers(deployed)),
+        )
+    shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+    return Report(rows, shapes)
