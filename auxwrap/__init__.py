@@ -4,6 +4,7 @@ The way through the code (DESIGN §5): :mod:`auxwrap.trace` (model -> fx graph w
 :mod:`auxwrap.taps` (ordered fusion points with shapes) -> plan -> build -> train -> prune/detach -> count.
 """
 
+from . import mto
 from .attach import attach
 from .deploy import AuxwrapPruneError, AuxwrapPruneWarning, export, export_onnx, prune
 from .errors import AuxwrapArgumentError, AuxwrapError, AuxwrapTapError, AuxwrapTraceError
@@ -11,7 +12,10 @@ from .examples import default_example_inputs
 from .flops import count_flops, count_norm_layers, count_parameters, report
 from .fold import FoldReport, fold_batchnorm
 from .fused import AuxOutput, FusedNet
+from .mto import Balancer
 from .plan import AuxwrapPairingError, Connection
+from .plot import plot_gates
+from .search import GateHistory, HalfSampler, Search, SearchSummary, cut_error, search_loaders
 from .taps import Tap, Unit, find_taps
 from .trace import Traced, trace
 
@@ -26,9 +30,14 @@ __all__ = [
     "AuxwrapPruneWarning",
     "AuxwrapTapError",
     "AuxwrapTraceError",
+    "Balancer",
     "Connection",
     "FoldReport",
     "FusedNet",
+    "GateHistory",
+    "HalfSampler",
+    "Search",
+    "SearchSummary",
     "Tap",
     "Traced",
     "Unit",
@@ -37,12 +46,16 @@ __all__ = [
     "count_flops",
     "count_norm_layers",
     "count_parameters",
+    "cut_error",
     "default_example_inputs",
     "export",
     "export_onnx",
     "find_taps",
     "fold_batchnorm",
+    "mto",
+    "plot_gates",
     "prune",
     "report",
+    "search_loaders",
     "trace",
 ]

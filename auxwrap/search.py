@@ -1,0 +1,532 @@
+"""Step "train" of Aux-NAS: the gate search (paper Sect. 3.3, Eq. 10; Appendix C and F).
+
+The architecture weights alpha (the gates of :class:`auxwrap.fusion.Fusion`) are learnt with their
+own Adam optimiser, alternating with the user's weight steps on two disjoint halves of the data
+(first-order, as in the paper and the authors' code). An L1 penalty on the auxiliary -> primary gates
+alpha^P, ramped over training, drives them to zero; the primary -> auxiliary gates are not
+penalised. At the end of the ramp alpha^P are set to exactly 0 and held there, so that cutting
+those links (and then the auxiliary branch) is lossless by construction, and the remaining steps
+train the weights of the network that will be shipped.
+
+The L1 term, its schedule and why::
+
+    R_t(alpha^P) = lambda_t * mean(alpha^P)
+    lambda_t     = 0 before ramp[0] of training, l1 after ramp[1], linear in between
+
+- The paper (Eq. 10, Appendix C) uses lambda * ||alpha^P||_1 with lambda raised 0 -> 100 over
+  training; the authors' released code puts 0 -> 1000 on the *mean* of the gates, ramped over
+  50-80 % of training. We follow the code: a mean does not grow with the number of connections, so
+  the same ``l1`` means the same thing for a 4-block and a 50-block network (defaults
+  ``l1=1000.0, ramp=(0.5, 0.8)``).
+- The L1 part is applied as a proximal (soft-threshold) step after each Adam step on the task loss:
+  ``alpha^P <- max(alpha^P - lr * lambda_t / n, 0)`` (n: the number of alpha^P gates), then every
+  gate is clamped to [0, 1]. Adam moves a gate by about ``lr`` per step at most, so once
+  ``lambda_t / n >= 1`` the shrink outruns any task pull and alpha^P reach, and stay at, exact
+  zeros (a sigmoid gate never does). With the default ``l1=1000`` that holds for up to 1000 gates.
+- The last fraction of training (after ``cut``, by default the ramp's end) runs with alpha^P held
+  at 0: the paper sets them to 0 by hand before evaluation (Appendix F); here the cut happens while
+  the weights can still adapt to it, and :attr:`Search.max_gate_at_cut` says how large they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .analysis import as_input_tuple
+from .errors import AuxwrapArgumentError
+from .fused import FusedNet
+from .fusion import Fusion
+from .plan import PRIMARY, TO_AUX, TO_PRIMARY, Connection
+
+__all__ = [
+    "GateHistory",
+    "HalfSampler",
+    "Search",
+    "SearchSummary",
+    "cut_error",
+    "search_loaders",
+]
+
+#: a cut that removes gates larger than this is reported with a warning (the paper's are ~0.01 at most)
+CUT_WARN = 0.01
+
+
+# ---------------------------------------------------------------------- the gates, one entry per connection
+
+def unwrap(net: nn.Module, argument: str = "net") -> FusedNet:
+    """The :class:`FusedNet` inside ``net`` (itself, or the ``.module`` of a DDP/DataParallel wrapper)."""
+    inner = net.module if isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else net
+    if not isinstance(inner, FusedNet):
+        raise AuxwrapArgumentError(
+            f"{argument} must be the FusedNet that auxwrap.attach() returns (or a DistributedDataParallel "
+            f"wrapping it), got {type(net).__name__}.")
+    return inner
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """One gate entry: where it sits in its fusion module's gate vector, and its connection."""
+
+    fusion: Fusion
+    index: int
+    connection: Connection
+
+
+def _gates(net: FusedNet) -> list[_Gate]:
+    """Every learnable gate entry of ``net``, in the order of its fusion sites."""
+    entries = []
+    for site, fusion in net.fusion_sites():
+        if fusion.gate is None:
+            continue
+        direction = TO_PRIMARY if site.dest_branch == PRIMARY else TO_AUX
+        for j, source in enumerate(site.sources):
+            entries.append(_Gate(fusion, j, Connection(site.source_branch, source.name, site.dest_branch,
+                                                       site.dest.name, direction)))
+    return entries
+
+
+def _to_primary_fusions(net: FusedNet) -> list[Fusion]:
+    return [f for _, f in net.fusion_sites(dest_branch=PRIMARY) if f.gate is not None]
+
+
+# ---------------------------------------------------------------------- measuring a cut
+
+def cut_error(net: nn.Module, probe_inputs: Any) -> float:
+    """How much zeroing every auxiliary -> primary gate changes the primary's output on a probe batch:
+    ``||y_cut - y|| / ||y||`` in eval mode (0.0: the cut is lossless on this batch); ``net`` is left as
+    it was. The measure :func:`auxwrap.prune` applies."""
+    from .deploy import measure_cut
+
+    return measure_cut(unwrap(net), as_input_tuple(probe_inputs, "probe_inputs"))[0]
+
+
+@dataclass
+class GateHistory:
+    """Gate values over the search: ``values[k][i]`` is gate ``i`` (``connections[i]``) after step ``steps[k]``.
+
+    ``points`` lists each branch's fusion points in depth order (for drawing); ``lam[k]`` is the L1
+    weight used at that step; ``cut_step`` the step after which alpha^P were held at 0 (None: not yet).
+    """
+
+    connections: list[Connection]
+    points: dict[str, list[str]]
+    steps: list[int] = field(default_factory=list)
+    values: list[list[float]] = field(default_factory=list)
+    lam: list[float] = field(default_factory=list)
+    cut_step: int | None = None
+
+    def append(self, step: int, values: list[float], lam: float) -> None:
+        self.steps.append(step)
+        self.values.append(values)
+        self.lam.append(lam)
+
+    def tensor(self) -> torch.Tensor:
+        """The values as a ``[records, connections]`` tensor."""
+        return torch.tensor(self.values, dtype=torch.float32).reshape(len(self.values), len(self.connections))
+
+    @property
+    def labels(self) -> list[str]:
+        return [f"{c.source_branch}:{c.source} -> {c.dest_branch}:{c.dest}" for c in self.connections]
+
+    @property
+    def directions(self) -> list[str]:
+        return [c.direction for c in self.connections]
+
+    def final(self) -> list[Connection]:
+        """The connections with their last recorded gate values."""
+        last = self.values[-1] if self.values else [None] * len(self.connections)
+        return [Connection(c.source_branch, c.source, c.dest_branch, c.dest, c.direction, v)
+                for c, v in zip(self.connections, last, strict=True)]
+
+
+@dataclass
+class SearchSummary:
+    """Where a search stands: the final gates per connection and what cutting alpha^P changes."""
+
+    steps: int
+    total_steps: int
+    lam: float                        # the L1 weight of the next step
+    cut: bool                         # alpha^P have been set to 0 and are held there
+    max_gate_at_cut: float | None     # the largest alpha^P when they were zeroed (None before the cut)
+    connections: list[Connection]     # every connection with its gate value now
+    cut_error: float | None           # cut_error() on the probe batch, if one was given
+
+    @property
+    def max_to_primary(self) -> float:
+        """The largest auxiliary -> primary gate now."""
+        return max((c.gate for c in self.connections if c.direction == TO_PRIMARY), default=0.0)
+
+    def __str__(self) -> str:
+        to_p = [c.gate for c in self.connections if c.direction == TO_PRIMARY]
+        to_a = [c.gate for c in self.connections if c.direction == TO_AUX]
+        lines = [f"gate search: step {self.steps}/{self.total_steps}, lambda {self.lam:g}, "
+                 f"{'cut' if self.cut else 'not cut yet'}"
+                 + (f" (largest alpha^P at the cut: {self.max_gate_at_cut:.3g})" if self.max_gate_at_cut is not None
+                    else "")]
+        if to_p:
+            lines.append(f"  aux->primary: {len(to_p)} gates, max {max(to_p):.3g}, "
+                         f"{sum(g == 0.0 for g in to_p)} exactly 0")
+        if to_a:
+            lines.append(f"  primary->aux: {len(to_a)} gates, min {min(to_a):.3g}, mean {sum(to_a) / len(to_a):.3g}, "
+                         f"max {max(to_a):.3g}")
+        if self.cut_error is not None:
+            lines.append(f"  cut error (primary output, alpha^P -> 0): {self.cut_error:.3g}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the search
+
+class Search:
+    """The gate optimiser of Aux-NAS and the L1 schedule on the auxiliary -> primary gates.
+
+    Alternating (first-order, the paper's scheme; two disjoint halves of the data, see
+    :func:`search_loaders`)::
+
+        search = auxwrap.Search(net, total_steps=epochs * len(train_loader))
+        opt = torch.optim.SGD(net.weight_parameters(), lr=0.01)
+        for (xa, *ya), (xw, *yw) in zip(search_loader, train_loader):
+            search.step(task_loss(net(xa), *ya))          # the gates only
+            loss = task_loss(net(xw), *yw)
+            opt.zero_grad(); loss.backward(); opt.step()   # the weights only
+
+    Joint (single-level): one optimiser holds weights and gates; :meth:`after_step` applies the L1
+    proximal step, the clamp, the schedule and the cut::
+
+        opt = torch.optim.Adam([{"params": net.weight_parameters()}, search.param_group()], lr=1e-3)
+        ...; loss.backward(); opt.step(); search.after_step()
+
+    Args:
+        net: the fused network of ``auxwrap.attach(..., mode="nas")``, or a DistributedDataParallel
+            wrapping it.
+        total_steps: the number of gate steps the whole training makes; the schedule is laid out on it.
+        lr: learning rate of the gates' Adam (authors' code: 1e-2); also the step of the L1 prox.
+        l1: the final L1 weight on the mean of alpha^P (authors' code: 1000; paper: 100 on the sum).
+        ramp: the fractions of ``total_steps`` where the L1 weight leaves 0 and reaches ``l1``.
+        cut: the fraction of ``total_steps`` after which alpha^P are set to exactly 0 and held there
+            (default: ``ramp[1]``; 1.0 cuts at the very end).
+        betas: Adam's betas for the gates.
+        record: keep every gate value after every step in :attr:`history` (for :func:`auxwrap.plot_gates`).
+        process_group: where to average gate gradients in distributed training; default: the DDP
+            wrapper's group, else the default group when ``torch.distributed`` is initialised.
+    """
+
+    def __init__(self, net: nn.Module, total_steps: int, lr: float = 1e-2, *, l1: float = 1000.0,
+                 ramp: tuple[float, float] = (0.5, 0.8), cut: float | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999), record: bool = True,
+                 process_group: Any = None):
+        self.net = unwrap(net)
+        if self.net.mode != "nas" or not self.net.arch_parameters():
+            raise AuxwrapArgumentError(
+                f"net was attached with mode={self.net.mode!r}, which has no gates to search (Aux-G's "
+                "links are fixed at 1); attach with mode='nas' to search, or train a mode='grad' net "
+                "without Search.")
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise AuxwrapArgumentError(
+                f"total_steps must be a positive int (the number of gate steps of the whole training, "
+                f"e.g. epochs * len(search_loader)), got {total_steps!r}.")
+        self.lr = _positive("lr", lr, "the authors use 1e-2")
+        self.l1 = _non_negative("l1", l1, "the authors' code uses 1000 on the mean of the gates")
+        self.ramp = _ramp(ramp)
+        self.cut_at = self.ramp[1] if cut is None else _fraction("cut", cut)
+        self.total_steps = total_steps
+        self.cut_step = max(1, math.ceil(self.cut_at * total_steps - 1e-9))
+        if process_group is None and isinstance(net, nn.parallel.DistributedDataParallel):
+            process_group = net.process_group
+        self.process_group = process_group
+
+        self._entries = _gates(self.net)
+        self._entry_fusions = list(dict.fromkeys(e.fusion for e in self._entries))  # in entry order
+        self._to_primary = _to_primary_fusions(self.net)
+        self.n_to_primary = sum(f.gate.numel() for f in self._to_primary)
+        self.gates = self.net.arch_parameters()
+        self.optimizer = torch.optim.Adam(self.gates, lr=self.lr, betas=betas, weight_decay=0.0)
+        self.steps_done = 0
+        self.max_gate_at_cut: float | None = None
+        self.record = bool(record)
+        self.history = GateHistory([e.connection for e in self._entries],
+                                   {b: [t.name for t in taps] for b, taps in self.net.taps.items()})
+        with torch.no_grad():
+            self._project()
+        self._record(self.lam(0))
+
+    # ---------------------------------------------------------------- schedule and penalty
+
+    @property
+    def is_cut(self) -> bool:
+        """Whether alpha^P have been set to 0 (and are held there)."""
+        return self.max_gate_at_cut is not None
+
+    def lam(self, step: int | None = None) -> float:
+        """The L1 weight lambda_t at gate step ``step`` (default: the next step)."""
+        t = self.steps_done if step is None else step
+        start, end = (r * self.total_steps for r in self.ramp)
+        if t < start or self.l1 == 0.0:
+            return 0.0
+        if t >= end:
+            return self.l1
+        return self.l1 * (t - start) / (end - start)
+
+    def penalty(self) -> torch.Tensor:
+        """``lambda_t * mean(alpha^P)``: the L1 term of Eq. 10 at the next step, differentiable.
+
+        For logging, or for the joint variant in the authors' form: add it to the loss and call
+        ``after_step(prox=False)`` (then your optimiser carries the L1 gradient).
+        """
+        gates = torch.cat([f.gate.clamp(0.0, 1.0).reshape(-1) for f in self._to_primary])
+        return self.lam() * gates.mean()
+
+    def param_group(self) -> dict:
+        """The gates as an optimiser parameter group (the search's lr, no weight decay) for the joint variant."""
+        return {"params": self.gates, "lr": self.lr, "weight_decay": 0.0}
+
+    # ---------------------------------------------------------------- steps
+
+    def step(self, loss: torch.Tensor) -> None:
+        """One gate update from ``loss`` (the task losses of a search batch), then the L1 prox step.
+
+        Gradients are taken with ``torch.autograd.grad`` w.r.t. the gates only: no weight gradient
+        is computed, no ``.grad`` is written, no weight changes. In distributed training the gate
+        gradients are averaged over the ranks, so the gates stay identical everywhere.
+        """
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise AuxwrapArgumentError(
+                f"loss must be a scalar tensor (the summed task losses of one search batch), got "
+                f"{type(loss).__name__}{tuple(loss.shape) if torch.is_tensor(loss) else ''}.")
+        if not loss.requires_grad:
+            raise AuxwrapArgumentError(
+                "loss does not depend on the gates (no autograd graph): compute it from net(x) with "
+                "gradients enabled, outside torch.no_grad(), on the net passed to Search.")
+        grads = torch.autograd.grad(loss.reshape(()), self.gates, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.gates, grads, strict=True)]
+        self._all_reduce(grads)
+        for p, g in zip(self.gates, grads, strict=True):
+            p.grad = g
+        self.optimizer.step()
+        for p in self.gates:
+            p.grad = None
+        self.after_step()
+
+    def after_step(self, prox: bool = True) -> None:
+        """The end of a gate step: L1 prox on alpha^P, clamp to [0, 1], record, advance the schedule.
+
+        :meth:`step` calls it; call it yourself after ``opt.step()`` in the joint variant. With
+        ``prox=False`` the L1 is taken to be in your loss already (``loss + search.penalty()``).
+        """
+        lam = self.lam()
+        with torch.no_grad():
+            if prox and lam > 0.0:
+                tau = self.lr * lam / self.n_to_primary
+                for f in self._to_primary:
+                    f.gate.sub_(tau)
+            self._project()
+        self.steps_done += 1
+        if not self.is_cut and self.steps_done >= self.cut_step:
+            self.finish()
+        self._record(lam)
+
+    def finish(self) -> float:
+        """Set every auxiliary -> primary gate to exactly 0 and hold them there; returns their largest value.
+
+        Called automatically after ``cut * total_steps`` steps. Idempotent: a second call returns the
+        value of the first.
+        """
+        if self.is_cut:
+            return self.max_gate_at_cut
+        with torch.no_grad():
+            largest = max(f.gate.clamp(0.0, 1.0).max().item() for f in self._to_primary)
+            for f in self._to_primary:
+                f.gate.zero_()
+        self.max_gate_at_cut = largest
+        self.history.cut_step = self.steps_done
+        if largest > CUT_WARN:
+            warnings.warn(
+                f"auxwrap.Search cut auxiliary -> primary gates as large as {largest:.3g} at step "
+                f"{self.steps_done}/{self.total_steps}: the primary's output changed at the cut. Let the "
+                "weights train on after it (cut < 1.0), or raise l1 / start the ramp earlier.", stacklevel=2)
+        return largest
+
+    def summary(self, probe_inputs: Any = None) -> SearchSummary:
+        """The gates per connection now, and the cut error on ``probe_inputs`` if given."""
+        return SearchSummary(self.steps_done, self.total_steps, self.lam(), self.is_cut, self.max_gate_at_cut,
+                             self.net.connections(),
+                             None if probe_inputs is None else cut_error(self.net, probe_inputs))
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the network: step count, cut, Adam state, history."""
+        return {"steps_done": self.steps_done, "max_gate_at_cut": self.max_gate_at_cut,
+                "optimizer": self.optimizer.state_dict(), "history": dataclasses.asdict(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` (plain Python types: loads with ``torch.load(weights_only=True)``)."""
+        self.steps_done = int(state["steps_done"])
+        self.max_gate_at_cut = state["max_gate_at_cut"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        history = dict(state["history"])
+        history["connections"] = [Connection(**c) for c in history["connections"]]
+        self.history = GateHistory(**history)
+
+    # ---------------------------------------------------------------- internals
+
+    def _project(self) -> None:
+        """Clamp every gate to [0, 1] in place; hold alpha^P at 0 after the cut."""
+        for p in self.gates:
+            p.clamp_(0.0, 1.0)
+        if self.is_cut:
+            for f in self._to_primary:
+                f.gate.zero_()
+
+    def _all_reduce(self, grads: list[torch.Tensor]) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size(self.process_group)
+        if world == 1:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _record(self, lam: float) -> None:
+        if self.record:
+            values = torch.cat([f.gate.detach().reshape(-1) for f in self._entry_fusions]).tolist()  # one sync
+            self.history.append(self.steps_done, values, lam)
+
+    def __repr__(self) -> str:
+        return (f"Search(step {self.steps_done}/{self.total_steps}, {len(self._entries)} gates "
+                f"({self.n_to_primary} aux->primary), lr={self.lr:g}, l1={self.l1:g}, ramp={self.ramp}, "
+                f"cut at {self.cut_step})")
+
+
+def _positive(name: str, value: object, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise AuxwrapArgumentError(f"{name} must be a positive number ({hint}), got {value!r}.")
+    return float(value)
+
+
+def _non_negative(name: str, value: object, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+        raise AuxwrapArgumentError(f"{name} must be a number >= 0 ({hint}), got {value!r}.")
+    return float(value)
+
+
+def _fraction(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise AuxwrapArgumentError(f"{name} must be a fraction of total_steps in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def _ramp(ramp: object) -> tuple[float, float]:
+    if not isinstance(ramp, Sequence) or len(ramp) != 2:
+        raise AuxwrapArgumentError(
+            f"ramp must be (start, end), fractions of total_steps with 0 <= start <= end <= 1 "
+            f"(authors' code: (0.5, 0.8)), got {ramp!r}.")
+    start, end = _fraction("ramp[0]", ramp[0]), _fraction("ramp[1]", ramp[1])
+    if start > end:
+        raise AuxwrapArgumentError(f"ramp must have start <= end, got {ramp!r}; e.g. ramp=(0.5, 0.8).")
+    return start, end
+
+
+# ---------------------------------------------------------------------- two disjoint halves of the data
+
+class _Split:
+    """The state two :class:`HalfSampler` share: dataset size, seed, epoch, ranks."""
+
+    def __init__(self, n: int, seed: int, num_replicas: int, rank: int):
+        self.n, self.seed, self.num_replicas, self.rank = n, seed, num_replicas, rank
+        self.epoch: int | None = None
+
+    def half(self, which: int, epoch: int) -> list[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.n, generator=generator).tolist()
+        part = perm[:self.n // 2] if which == 0 else perm[self.n // 2:]
+        usable = len(part) - len(part) % self.num_replicas  # every rank the same count (DDP would hang otherwise)
+        return part[self.rank:usable:self.num_replicas]
+
+
+class HalfSampler(Sampler[int]):
+    """One half (0: search, 1: train) of a fresh random split of the dataset each epoch.
+
+    The two halves of one :func:`search_loaders` call share their state: the same epoch gives the
+    same permutation, so they are disjoint and together cover the dataset. Without ``set_epoch`` the
+    epoch advances by one each time the sampler is iterated; call ``set_epoch(epoch)`` (on either
+    sampler, DistributedSampler-style) for a split that depends on the epoch number alone.
+    """
+
+    def __init__(self, split: _Split, which: int):
+        self._split, self.which = split, which
+        self._passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Fix the epoch of both halves (their permutation is ``seed + epoch``)."""
+        self._split.epoch = int(epoch)
+
+    def indices(self, epoch: int | None = None) -> list[int]:
+        """This half's indices for ``epoch`` (default: the next pass's)."""
+        if epoch is None:
+            epoch = self._split.epoch if self._split.epoch is not None else self._passes
+        return self._split.half(self.which, epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self.indices()
+        self._passes += 1
+        return iter(indices)
+
+    def __len__(self) -> int:
+        split = self._split
+        part = split.n // 2 if self.which == 0 else split.n - split.n // 2
+        return (part - part % split.num_replicas) // split.num_replicas
+
+
+def search_loaders(dataset: Dataset, batch_size: int, seed: int = 0, *, num_replicas: int | None = None,
+                   rank: int | None = None, **loader_kwargs: Any) -> tuple[DataLoader, DataLoader]:
+    """Two loaders over disjoint halves of ``dataset``, re-split at random every epoch.
+
+    The first feeds :meth:`Search.step` (gates), the second the weight steps: the paper trains alpha
+    and w "alternatively by sampling two non-overlapped batches" (Appendix C). With an odd size the
+    train half has the extra sample. Under ``torch.distributed`` (or with ``num_replicas`` / ``rank``)
+    each rank reads its own share of both halves, all ranks the same number of samples.
+
+    For a deterministic split per epoch, call ``loader.sampler.set_epoch(epoch)`` on either loader
+    before each epoch; otherwise each pass over the loaders draws the next split.
+
+    ``loader_kwargs`` go to both :class:`~torch.utils.data.DataLoader` (``num_workers``,
+    ``drop_last``, ``collate_fn``...), except ``shuffle`` and ``sampler``, which the split replaces.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise AuxwrapArgumentError(f"batch_size must be a positive int, got {batch_size!r}.")
+    for key in ("shuffle", "sampler", "batch_sampler"):
+        if key in loader_kwargs:
+            raise AuxwrapArgumentError(
+                f"search_loaders() makes its own samplers; drop {key}= (each epoch is a fresh random split).")
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+    except TypeError as error:
+        raise AuxwrapArgumentError(
+            f"dataset must be a map-style dataset with a length, got {type(dataset).__name__}.") from error
+    if n < 2:
+        raise AuxwrapArgumentError(f"dataset has {n} samples; two halves need at least 2.")
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if not 0 <= rank < num_replicas:
+        raise AuxwrapArgumentError(f"rank must be in [0, num_replicas={num_replicas}), got {rank!r}.")
+    split = _Split(n, int(seed), num_replicas, rank)
+    return (DataLoader(dataset, batch_size=batch_size, sampler=HalfSampler(split, 0), **loader_kwargs),
+            DataLoader(dataset, batch_size=batch_size, sampler=HalfSampler(split, 1), **loader_kwargs))
