@@ -4,7 +4,7 @@ The way through the code (DESIGN §5): :mod:`auxwrap.trace` (model -> fx graph w
 :mod:`auxwrap.taps` (ordered fusion points with shapes) -> plan -> build -> train -> prune/detach -> count.
 """
 
-from . import mto
+from . import data, mto
 from .attach import attach
 from .deploy import AuxwrapPruneError, AuxwrapPruneWarning, export, export_onnx, prune
 from .errors import AuxwrapArgumentError, AuxwrapError, AuxwrapTapError, AuxwrapTraceError
@@ -47,6 +47,7 @@ __all__ = [
     "count_norm_layers",
     "count_parameters",
     "cut_error",
+    "data",
     "default_example_inputs",
     "export",
     "export_onnx",
