@@ -6,6 +6,7 @@ The way through the code (DESIGN §5): :mod:`auxwrap.trace` (model -> fx graph w
 
 from . import data, mto
 from .attach import attach
+from .auxmodule import AuxModule
 from .deploy import AuxwrapPruneError, AuxwrapPruneWarning, export, export_onnx, prune
 from .errors import AuxwrapArgumentError, AuxwrapError, AuxwrapTapError, AuxwrapTraceError
 from .examples import default_example_inputs
@@ -22,6 +23,7 @@ from .trace import Traced, trace
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AuxModule",
     "AuxOutput",
     "AuxwrapArgumentError",
     "AuxwrapError",

@@ -14,12 +14,13 @@ from torch import nn
 
 from . import analysis
 from .analysis import TOKENS
+from .auxmodule import AuxModule
 from .build import Site, fused_graph, sites
 from .errors import AuxwrapArgumentError, AuxwrapTapError
 from .examples import default_example_inputs
 from .fused import FusedNet
 from .fusion import Fusion, Point, token_grid
-from .plan import PRIMARY, AuxwrapPairingError, aux_branch, check_mode, check_window, plan
+from .plan import PRIMARY, TO_AUX, AuxwrapPairingError, Connection, aux_branch, check_mode, check_window, plan
 from .taps import Tap, find_taps
 from .trace import Traced, trace
 
@@ -69,24 +70,42 @@ def attach(
                          concrete_args=concrete_args)
     specs = _tap_specs(taps, list(models))
 
-    by_mode = {training: {b: trace(m, training=training, **trace_options) for b, m in models.items()}
-               for training in (False, True)}
+    readers = {b: m for b, m in models.items() if isinstance(m, AuxModule)}  # Liu et al.'s modules
+    by_mode = {training: {b: trace(m, training=training, **trace_options) for b, m in models.items()
+                          if b not in readers} for training in (False, True)}
     points = _find_points(by_mode[False], inputs, specs)
+    read_points = _reader_points(by_mode[False][PRIMARY], inputs, readers, specs)
     connections = plan(points, mode, window)
     fusion_sites = sites(connections, points)
     fusions = {site.name: _fusion(site, models, gate_init) for site in fusion_sites}
     _check_fusions(fusion_sites, fusions)
 
     prefixes = {PRIMARY: "primary", **{aux_branch(k): f"aux.{k}" for k in range(len(aux_models))}}
-    graphs = {False: fused_graph(by_mode[False], prefixes, fusion_sites)}
+    read_nodes = {b: [t.node for t in taps] for b, taps in read_points.items()}
+    graphs = {False: fused_graph(by_mode[False], prefixes, fusion_sites, read_nodes)}
     if _graphs_differ(by_mode[False], by_mode[True]):
         train_points = _find_points(by_mode[True], inputs, specs)
         _check_same_points(points, train_points)
-        graphs[True] = fused_graph(by_mode[True], prefixes, _retarget(fusion_sites, train_points))
+        train_reads = _reader_points(by_mode[True][PRIMARY], inputs, readers, specs)
+        _check_same_points(read_points, train_reads)
+        graphs[True] = fused_graph(by_mode[True], prefixes, _retarget(fusion_sites, train_points),
+                                   {b: [t.node for t in taps] for b, taps in train_reads.items()})
     device, dtype = _device_and_dtype(primary)
     fusions = {name: f.to(device=device, dtype=dtype) for name, f in fusions.items()}
-    return FusedNet(primary, aux_models, fusions, graphs, mode, points, connections, fusion_sites, inputs,
-                    trace_options)
+    for branch, module in readers.items():  # last: a failed attach() leaves the AuxModules unbound
+        module.bind([_point(t, primary) for t in read_points[branch]])
+        module.to(device=device, dtype=dtype)
+    reads = [Connection(PRIMARY, t.name, b, f"adaptor{i}", TO_AUX) for b, taps in read_points.items()
+             for i, t in enumerate(taps)]
+    return FusedNet(primary, aux_models, fusions, graphs, mode, {**points, **read_points}, connections + reads,
+                    fusion_sites, inputs, trace_options)
+
+
+def _reader_points(primary: Traced, inputs: tuple, readers: dict[str, AuxModule],
+                   specs: dict[str, TapSpec]) -> dict[str, list[Tap]]:
+    """The primary's points each AuxModule reads: its own ``taps``, else the primary's."""
+    return {b: find_taps(primary, inputs, m.taps if m.taps is not None else specs[PRIMARY])
+            for b, m in readers.items()}
 
 
 # ---------------------------------------------------------------------- argument checks
@@ -106,6 +125,9 @@ def _check_models(primary: object, aux: object) -> list[nn.Module]:
             f"aux must be an nn.Module or a non-empty sequence of them, got {aux!r:.80}.")
     owners = {id(p): ("primary", name) for name, p in primary.named_parameters()}
     for k, model in enumerate(aux_models):
+        if isinstance(model, AuxModule) and model.bound:
+            raise AuxwrapArgumentError(
+                f"aux{k} is an AuxModule already attached to another network; create a new AuxModule.")
         if model is primary or any(model is other for other in aux_models[:k]):
             raise AuxwrapArgumentError(
                 f"aux{k} is the same module instance as {'the primary' if model is primary else 'another auxiliary'}; "

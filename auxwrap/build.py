@@ -55,15 +55,21 @@ def sites(connections: list[Connection], taps: dict[str, list[Tap]]) -> list[Sit
     return result
 
 
-def fused_graph(branches: dict[str, Traced], prefixes: dict[str, str], fusion_sites: list[Site]) -> fx.Graph:
-    """The fused graph. ``branches`` starts with the primary; ``prefixes`` gives each branch's module path
-    in the fused network (``"primary"``, ``"aux.0"``...). The graph returns ``(primary_out, (aux_outs...))``."""
-    return _Builder(branches, prefixes, fusion_sites).build()
+def fused_graph(branches: dict[str, Traced], prefixes: dict[str, str], fusion_sites: list[Site],
+                readers: dict[str, list[str]] | None = None) -> fx.Graph:
+    """The fused graph. ``branches`` (traced models) starts with the primary; ``prefixes`` gives every
+    branch's module path in the fused network (``"primary"``, ``"aux.0"``...), in output order.
+    ``readers`` are branches that are modules reading primary nodes directly (:class:`auxwrap.AuxModule`):
+    branch -> the primary node names they are called with, after the network's first input.
+    The graph returns ``(primary_out, (aux_outs...))``."""
+    return _Builder(branches, prefixes, fusion_sites, readers or {}).build()
 
 
 class _Builder:
-    def __init__(self, branches: dict[str, Traced], prefixes: dict[str, str], fusion_sites: list[Site]):
+    def __init__(self, branches: dict[str, Traced], prefixes: dict[str, str], fusion_sites: list[Site],
+                 readers: dict[str, list[str]]):
         self.branches = branches
+        self.readers = readers
         self.prefixes = prefixes
         self.graph = fx.Graph()
         self.env: dict[str, dict[fx.Node, object]] = {b: {} for b in branches}    # fused values
@@ -78,14 +84,18 @@ class _Builder:
         for site in fusion_sites:
             self.sites_at[(site.dest_branch, entry_node(site.dest))].append(site)
             self.read[site.source_branch].update(entry_node(s) for s in site.sources)
+        primary = next(iter(branches))
+        for names in readers.values():
+            self.read[primary].update(names)
 
     def build(self) -> fx.Graph:
         self._placeholders()
         for branch in self.branches:
             self._advance(branch, len(self.body[branch]) - 1)
-        outputs = [fx.map_arg(_output(t.graph).args[0], lambda n, b=b: self.env[b][n])
-                   for b, t in self.branches.items()]
-        primary, *aux = outputs
+        outputs = {b: fx.map_arg(_output(t.graph).args[0], lambda n, b=b: self.env[b][n])
+                   for b, t in self.branches.items()}
+        outputs.update({b: self._call_reader(b, names) for b, names in self.readers.items()})
+        primary, *aux = (outputs[b] for b in self.prefixes)
         self.graph.output((primary, tuple(aux)))
         self.graph.lint()
         return self.graph
@@ -152,6 +162,20 @@ class _Builder:
             value.meta = {BRANCH: "fusion", MODULE_PATH: f"{FUSIONS}.{site.name}"}
         self.fusing.discard(branch)
         return value
+
+    def _call_reader(self, branch: str, names: list[str]) -> fx.Node:
+        """Call a module branch on the network's first input and the primary's values at ``names``
+        (as the primary computes them, fused or not: a reader never feeds back)."""
+        primary = next(iter(self.branches))
+        first_input = next(n for n in self.graph.nodes if n.op == "placeholder")
+        values = []
+        for name in names:
+            node = self.body[primary][self.position[primary][name]]
+            fused = (primary, name) in self.sites_at
+            values.append(self.env[primary][node] if fused else self.before[primary].get(name, self.env[primary][node]))
+        call = self.graph.create_node("call_module", self.prefixes[branch], (first_input, *values), name=branch)
+        call.meta = {MODULE_PATH: "", BRANCH: branch}
+        return call
 
     def _source_value(self, branch: str, name: str) -> fx.Node:
         """The source's value before its own fusion, copying its branch up to it first."""

@@ -108,7 +108,8 @@ class FusedNet(nn.Module):
             values = self.fusions[site.name].gates().tolist()
             for source, value in zip(site.sources, values, strict=True):
                 gates[(site.source_branch, source.name, site.dest_branch, site.dest.name)] = value
-        return [dataclasses.replace(c, gate=gates[(c.source_branch, c.source, c.dest_branch, c.dest)])
+        # an AuxModule's reads have no gate: they are always on (1.0), as Aux-G's links
+        return [dataclasses.replace(c, gate=gates.get((c.source_branch, c.source, c.dest_branch, c.dest), 1.0))
                 for c in self._links]
 
     def fusion_sites(self, dest_branch: str | None = None) -> Iterator[tuple[Site, Fusion]]:

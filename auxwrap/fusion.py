@@ -60,16 +60,16 @@ def resize(x: torch.Tensor, source: Point, dest: Point, like: torch.Tensor) -> t
     if dest.layout == VECTOR:
         return x
     if dest.layout == NCHW:
-        return _resize_map(to_map(x, source), like.shape[-2:])
+        return resize_map(to_map(x, source), like.shape[-2:])
     if dest.layout == NHWC:
         if source.layout == NHWC and x.shape[1:3] == like.shape[1:3]:
             return x
-        return _resize_map(to_map(x, source), like.shape[1:3]).permute(0, 2, 3, 1)
+        return resize_map(to_map(x, source), like.shape[1:3]).permute(0, 2, 3, 1)
     if source.layout == TOKENS and source.prefix == dest.prefix and x.shape[1] == like.shape[1]:
         return x
     # tokens through the destination's grid; its prefix tokens are the source's where they match, else zeros
     h, w = _grid(like.shape[1] - dest.prefix, dest.grid)
-    grid = _resize_map(to_map(x, source), (h, w)).flatten(2).transpose(1, 2)
+    grid = resize_map(to_map(x, source), (h, w)).flatten(2).transpose(1, 2)
     if dest.prefix == 0:
         return grid
     if source.layout == TOKENS and source.prefix == dest.prefix:
@@ -79,7 +79,8 @@ def resize(x: torch.Tensor, source: Point, dest: Point, like: torch.Tensor) -> t
     return torch.cat([prefix, grid], dim=1)
 
 
-def _resize_map(x: torch.Tensor, size) -> torch.Tensor:  # noqa: ANN001
+def resize_map(x: torch.Tensor, size) -> torch.Tensor:  # noqa: ANN001
+    """Bilinear resize of an NCHW map to ``size`` (h, w); the map itself where it already fits."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
