@@ -35,7 +35,7 @@ def attach(
     taps: TapSpec | Mapping[str, TapSpec] = "layer",
     window: int = 3,
     example_inputs: Any = None,
-    alpha_init: float = 0.5,
+    alpha_init: float | tuple[float, float] = 0.5,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -51,8 +51,8 @@ def attach(
             those per branch (keys ``"primary"``, ``"aux"`` for every auxiliary, ``"aux0"``, ``"aux1"``...).
         window: each destination point reads this many points of the other branch (paper: 3).
         example_inputs: a batch the primary takes, to learn shapes; inferred for timm models.
-        alpha_init: initial gate value in mode="nas", both directions (paper: 0.5; the authors'
-            released config starts the auxiliary -> primary gates at 0.001).
+        alpha_init: initial gate value in mode="nas": one value for both directions (paper: 0.5), or
+            ``(aux_to_primary, primary_to_aux)``, e.g. ``(0.001, 0.5)`` as the authors' released config.
         leaf_modules, autowrap_functions, concrete_args: passed to :func:`auxwrap.trace` for every branch.
 
     Returns:
@@ -60,7 +60,7 @@ def attach(
     """
     mode = check_mode(mode)
     window = check_window(window)
-    gate_init = None if mode == "grad" else _check_alpha(alpha_init)
+    gate_init = None if mode == "grad" else _check_alpha(alpha_init)  # (to the primary, to an auxiliary)
     aux_models = _check_models(primary, aux)
     models = {PRIMARY: primary, **{aux_branch(k): m for k, m in enumerate(aux_models)}}
     _check_devices(models)
@@ -110,10 +110,14 @@ def _reader_points(primary: Traced, inputs: tuple, readers: dict[str, AuxModule]
 
 # ---------------------------------------------------------------------- argument checks
 
-def _check_alpha(alpha_init: object) -> float:
-    if isinstance(alpha_init, bool) or not isinstance(alpha_init, (int, float)) or not 0.0 <= alpha_init <= 1.0:
-        raise AuxwrapArgumentError(f"alpha_init must be a gate value in [0, 1] (paper: 0.5), got {alpha_init!r}.")
-    return float(alpha_init)
+def _check_alpha(alpha_init: object) -> tuple[float, float]:
+    values = tuple(alpha_init) if isinstance(alpha_init, (tuple, list)) else (alpha_init, alpha_init)
+    if len(values) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in values):
+        raise AuxwrapArgumentError(
+            f"alpha_init must be a gate value in [0, 1] (paper: 0.5) or a pair (aux_to_primary, primary_to_aux), "
+            f"got {alpha_init!r}.")
+    return float(values[0]), float(values[1])
 
 
 def _check_models(primary: object, aux: object) -> list[nn.Module]:
@@ -179,9 +183,10 @@ def _find_points(branches: dict[str, Traced], inputs: tuple, specs: dict[str, Ta
 
 # ---------------------------------------------------------------------- fusion modules
 
-def _fusion(site: Site, models: dict[str, nn.Module], gate_init: float | None) -> Fusion:
+def _fusion(site: Site, models: dict[str, nn.Module], gate_init: tuple[float, float] | None) -> Fusion:
     sources = [_point(t, models[site.source_branch]) for t in site.sources]
-    return Fusion(sources, _point(site.dest, models[site.dest_branch]), gate_init)
+    init = None if gate_init is None else gate_init[0] if site.dest_branch == PRIMARY else gate_init[1]
+    return Fusion(sources, _point(site.dest, models[site.dest_branch]), init)
 
 
 def _point(tap: Tap, model: nn.Module) -> Point:

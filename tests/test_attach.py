@@ -149,6 +149,15 @@ def test_nas_mode_links_both_ways_with_gates_at_alpha_init():
     assert not arch & weights and arch | weights == {id(p) for p in net.parameters()}
 
 
+def test_alpha_init_per_direction_as_the_authors_config():
+    primary, x = make("tv_resnet18")
+    net = auxwrap.attach(primary, make("tv_resnet18")[0], "nas", example_inputs=(x,), alpha_init=(0.001, 0.5))
+    gates = {c.direction: set() for c in net.connections()}
+    for c in net.connections():
+        gates[c.direction].add(round(c.gate, 6))
+    assert gates == {TO_PRIMARY: {0.001}, TO_AUX: {0.5}}
+
+
 def test_window_and_relative_depth_pairing():
     assert sources_of(5, 8, 8, 3) == [3, 4, 5]             # same depth and the two before it
     assert sources_of(0, 8, 8, 3) == [0]
@@ -393,6 +402,7 @@ def test_auxiliary_that_does_not_take_the_primarys_inputs():
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"window": 0}, "window must be a positive int"),
     ({"alpha_init": 1.5}, r"alpha_init must be a gate value in \[0, 1\]"),
+    ({"alpha_init": (0.1, 0.2, 0.3)}, r"or a pair \(aux_to_primary, primary_to_aux\)"),
     ({"taps": {"aux7": "layer"}}, r"taps has unknown branch keys \['aux7'\]"),
     ({"taps": ["nope"]}, "unknown fusion point 'nope' in ResidualNet"),
 ])
