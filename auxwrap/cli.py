@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -17,16 +20,17 @@ from .models import build_model
 from .taps import Tap, find_taps
 from .trace import trace
 
-#: the demo's built-in pair: (role, model, whether it is built for the input size); random weights.
-DEMO_MODELS = (("primary", "timm:resnet18", False), ("auxiliary", "timm:vit_tiny_patch16_224", True))
+#: what the demo trains on the digits task (primary: the left digit; auxiliary: the right one)
+DEMO_METHODS = ("single", "aux-g-layer", "aux-nas")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m auxwrap", description=__doc__)
     parser.add_argument("--version", action="version", version=f"auxwrap {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="trace a built-in primary/auxiliary pair and show its fusion points")
-    demo.add_argument("--quick", action="store_true", help="small inputs, a few seconds")
+    demo = commands.add_parser("demo", help="train Single, Aux-G and Aux-NAS on digit pairs, prune, compare")
+    demo.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
+    demo.add_argument("--out", default="auxwrap-demo", help="where the gate plot goes (default auxwrap-demo/)")
     taps = commands.add_parser("taps", help="list the fusion points of a timm or torchvision model")
     taps.add_argument("model", help="e.g. timm:resnet50 or torchvision:vgg16")
     taps.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
@@ -40,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            return _demo(args.quick)
+            return _demo(args.quick, Path(args.out))
         if args.command == "flops":
             return _flops(args)
         return _show_taps(args.model, args.size)
@@ -49,13 +53,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _demo(quick: bool) -> int:
-    size = 64 if quick else 224
-    print(f"auxwrap {__version__} demo: tracing a primary and an auxiliary model (random weights, "
-          f"input 2x3x{size}x{size})\n")
-    codes = [_show_taps(spec, size, role=role, **({"img_size": size} if sized else {}))
-             for role, spec, sized in DEMO_MODELS]
-    return max(codes)
+def _demo(quick: bool, out: Path) -> int:
+    """Train the primary alone, with Aux-G and with Aux-NAS on digit pairs; compare the deployed models."""
+    from . import experiments
+    from .plot import plot_gates
+
+    config = experiments.FULL["digits"]  # seed 0 of the accuracy benchmark's digits runs
+    if quick:
+        config = replace(config, epochs=4, n_val=500, n_test=1000)
+    task = experiments.make_task("digits", config)
+    print(f"auxwrap {__version__} demo: digit pairs (16x16, primary: the left digit, auxiliary: the right digit; "
+          f"{len(task.train)} train / {len(task.val)} val / {len(task.test)} test), a small ResNet with random init, "
+          f"{config.epochs} epochs of {len(task.train) // config.batch_size} weight steps of {config.batch_size} for "
+          "every method\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # these models are tiny: one thread is faster than several on a busy CPU
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            results = [experiments.run(task, method, seed=0, config=config) for method in DEMO_METHODS]
+    finally:
+        torch.set_num_threads(threads)
+    print(_demo_table(results))
+    nas = results[-1]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "gates.png"
+    plot_gates(nas.search, path=path)
+    print(f"\n{nas.search.summary()}")
+    print(f"\ngate plot: {path}")
+    return 0
+
+
+def _demo_table(results: list) -> str:  # list[experiments.Result]
+    """Deployed test accuracy, FLOPs and parameters of each method beside the single-task model."""
+    single = results[0]
+    rows = [("method", "test accuracy", "deployed MFLOPs", "params", "FLOPs / Single", "training time")]
+    rows += [(r.label, f"{100 * r.metrics['accuracy']:.2f} %", f"{r.flops / 1e6:.3f}", f"{r.params:,}",
+              f"{r.flops / single.flops:.3f}", f"{r.seconds:.0f} s") for r in results]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in
+                               enumerate(zip(row, widths, strict=True))) for row in rows)
 
 
 def _show_taps(spec: str, size: int, role: str = "model", **kwargs) -> int:  # noqa: ANN003

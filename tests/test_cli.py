@@ -6,14 +6,22 @@ import pytest
 from auxwrap.cli import main
 
 
-def test_demo_quick_traces_both_models_and_lists_their_points(capsys):
-    assert main(["demo", "--quick"]) == 0
+@pytest.mark.slow
+def test_demo_quick_trains_prunes_and_compares_at_single_task_cost(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "primary timm:resnet18" in out and "auxiliary timm:vit_tiny_patch16_224" in out
-    assert out.count("traced output equals eager output: True") == 2
-    assert "layer4.1      block  nchw    512x2x2   yes" in out
-    assert "blocks.11     block  tokens  17x192" in out
-    assert "has no resolution stages" in out
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines()
+            if line.startswith(("Single", "Aux-G-Layer", "Aux-NAS"))}
+    assert set(rows) == {"Single", "Aux-G-Layer", "Aux-NAS"}
+    # columns: method, accuracy "xx.xx %", deployed MFLOPs, params, FLOPs / Single, training time "n s"
+    cells = {name: row.split() for name, row in rows.items()}
+    assert len({c[-5] for c in cells.values()}) == 1, rows  # every deployed model costs what Single costs
+    assert len({c[-4] for c in cells.values()}) == 1, rows  # and has as many parameters
+    assert all(c[-3] == "1.000" for c in cells.values()), rows
+    assert all("%" in row for row in rows.values())
+    png = tmp_path / "demo" / "gates.png"
+    assert f"gate plot: {png}" in out and png.stat().st_size > 0
+    assert "aux->primary" in out and "exactly 0" in out
 
 
 def test_taps_command_lists_points_of_a_named_model(capsys):

@@ -1,0 +1,541 @@
+"""A small training harness shared by ``python -m auxwrap demo`` and ``benchmarks/accuracy.py``.
+
+Built-in models (random init, nothing downloaded) for the tasks of :mod:`auxwrap.data`, and one
+function, :func:`run`, that trains one method on one task and evaluates the *deployed* primary:
+
+- ``"single"``: the primary alone.
+- ``"aux-head"``: one shared encoder, two heads (the primary's model with an extra head for the
+  auxiliary task); the deployed model drops the extra head.
+- ``"aux-g-stage"`` / ``"aux-g-layer"``: ``attach(primary, aux, mode="grad", taps="stage" | "layer")``.
+- ``"aux-nas"``: ``attach(..., mode="nas")`` with :class:`auxwrap.Search` on :func:`auxwrap.search_loaders`
+  (the README's recipe).
+- ``"aux-nas+mto"``: Aux-NAS whose weight step is ``auxwrap.mto.backward(..., method=Config.mto)``.
+
+Fairness: every method makes the same number of weight steps (``epochs * (n_train // batch_size)``)
+with the same optimiser, learning-rate schedule and batch size. Aux-NAS reads one batch from each half
+of :func:`auxwrap.search_loaders` per step (one for the gates, one for the weights), so it cycles the
+halves twice per epoch: its weights see as many samples as everyone else's; its gates take as many
+steps again. The primary is evaluated on the validation split after every epoch and the best state is
+kept (for Aux-NAS only after the cut of the auxiliary -> primary gates, when the network *is* the
+deployed primary); the test split is scored once, on the deployed model (``auxwrap.prune(net)``, or the
+primary with its BatchNorms folded for the methods without a fused network).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from . import data, mto
+from .attach import attach
+from .deploy import prune
+from .errors import AuxwrapArgumentError
+from .flops import count_flops, count_parameters
+from .fold import fold_batchnorm
+from .fused import FusedNet
+from .search import Search, search_loaders
+from .trace import trace
+
+__all__ = [
+    "FULL",
+    "METHODS",
+    "QUICK",
+    "TASKS",
+    "Config",
+    "DigitNet",
+    "Result",
+    "SceneNet",
+    "Task",
+    "TwoHeads",
+    "evaluate",
+    "make_task",
+    "method_label",
+    "run",
+]
+
+TASKS = ("digits", "scenes-seg", "scenes-normals")
+METHODS = ("single", "aux-head", "aux-g-stage", "aux-g-layer", "aux-nas", "aux-nas+mto")
+#: the display names of the methods, as in the paper's tables
+LABELS = {"single": "Single", "aux-head": "Aux-Head", "aux-g-stage": "Aux-G-Stage", "aux-g-layer": "Aux-G-Layer",
+          "aux-nas": "Aux-NAS", "aux-nas+mto": "Aux-NAS + {mto}"}
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+class Block(nn.Module):
+    """A ResNet basic block: two 3x3 conv-BN, the shortcut added before the last ReLU (1x1 projection
+    where the block changes stride or width)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.shortcut(x) + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class Encoder(nn.Module):
+    """A conv-BN-ReLU stem and three stages of ``blocks`` residual blocks (width, 2x, 4x channels; the
+    2nd and 3rd stage halve the resolution)."""
+
+    def __init__(self, in_channels: int, width: int = 16, blocks: int = 2, stem_stride: int = 1):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU())
+        widths = (width, 2 * width, 4 * width)
+        self.stages = nn.ModuleList(
+            nn.Sequential(*(Block(widths[max(s - 1, 0)] if b == 0 else w, w, 2 if s and b == 0 else 1)
+                            for b in range(blocks)))
+            for s, w in enumerate(widths))
+        self.widths = widths
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+
+class ClassHead(nn.Module):
+    """Global average pooling of the last stage and a linear classifier."""
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.fc(features.mean((2, 3)))
+
+
+class Up(nn.Module):
+    """Decoder block: upsample 2x (bilinear), two 3x3 conv-BN-ReLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class DenseHead(nn.Module):
+    """The decoder of an FCN: two :class:`Up` blocks back to the first stage's resolution, a 1x1 conv to the
+    outputs, bilinear upsampling by ``scale`` (the encoder's stem stride) to the input resolution. No skip
+    connections, so that every block is on the main path and each is a fusion point (``taps="layer"``)."""
+
+    def __init__(self, widths: tuple[int, int, int], out_channels: int, scale: int = 1):
+        super().__init__()
+        self.up2 = Up(widths[2], widths[1])
+        self.up1 = Up(widths[1], widths[0])
+        self.out = nn.Conv2d(widths[0], out_channels, 1)
+        self.scale = float(scale)
+
+    def forward(self, features: Tensor) -> Tensor:
+        y = self.out(self.up1(self.up2(features)))
+        return F.interpolate(y, scale_factor=self.scale, mode="bilinear", align_corners=False)
+
+
+class EncoderHead(nn.Module):
+    """``head(encoder(x))``: the single-task model of every built-in task."""
+
+    def __init__(self, encoder: Encoder, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
+
+class DigitNet(EncoderHead):
+    """A small ResNet for 1x16x16 digit pairs: 3 stages (16x16, 8x8, 4x4) of ``blocks`` basic blocks."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, blocks: int = 2, in_channels: int = 1):
+        encoder = Encoder(in_channels, width, blocks)
+        super().__init__(encoder, ClassHead(encoder.widths[-1], num_classes))
+
+
+class SceneNet(EncoderHead):
+    """A small encoder-decoder (FCN) for 3x64x64 scenes with per-pixel outputs (segmentation logits or
+    normals): stride-2 stem, 3 stages (32, 16, 8 pixels) of ``blocks`` basic blocks, a 2-block decoder."""
+
+    def __init__(self, out_channels: int, width: int = 16, blocks: int = 2, in_channels: int = 3):
+        encoder = Encoder(in_channels, width, blocks, stem_stride=2)
+        super().__init__(encoder, DenseHead(encoder.widths, out_channels, scale=2))
+
+
+class TwoHeads(nn.Module):
+    """Aux-Head: the primary's model with an extra head for the auxiliary task on its shared encoder."""
+
+    def __init__(self, primary: EncoderHead, aux_head: nn.Module):
+        super().__init__()
+        self.primary = primary
+        self.aux_head = aux_head
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        features = self.primary.encoder(x)
+        return self.primary.head(features), self.aux_head(features)
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+@dataclass(frozen=True)
+class Config:
+    """The training budget and model size of one run; the same for every method.
+
+    ``n_train`` / ``n_val`` / ``n_test``: samples (None: 6000/2000/2000 digit pairs, 512/128/128 scenes).
+    ``mto``: the :func:`auxwrap.mto.backward` method of ``"aux-nas+mto"``. Aux-NAS options: ``taps`` (its
+    fusion points), ``alpha_init`` (the initial gates, both directions), ``ramp`` (the L1 schedule of
+    :class:`auxwrap.Search`; the cut is at its end).
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    aux_weight: float = 1.0
+    width: int = 16
+    blocks: int = 2
+    size: int = 64
+    n_train: int | None = None
+    n_val: int | None = None
+    n_test: int | None = None
+    mto: str = "pcgrad-aux"
+    taps: str = "layer"
+    alpha_init: float = 0.5
+    ramp: tuple[float, float] = (0.5, 0.8)
+    progress: bool = True
+
+
+@dataclass
+class Task:
+    """A primary task and its auxiliary: the three splits (items ``x, y_primary, y_aux``), a model
+    builder, the losses and the metrics of the primary (``metric`` selects on val; higher is better
+    unless ``lower_is_better``)."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    build: Callable[[bool], nn.Module]            # build(aux=False) -> the primary's model, True: the aux model
+    head: Callable[[], nn.Module]                 # the extra head of Aux-Head
+    primary_loss: Callable[[Tensor, Tensor], Tensor]
+    aux_loss: Callable[[Tensor, Tensor], Tensor]
+    metrics: Callable[[Tensor, Tensor], dict[str, float]]
+    metric: str
+    lower_is_better: bool = False
+
+    def better(self, a: float, b: float | None) -> bool:
+        return b is None or (a < b if self.lower_is_better else a > b)
+
+
+#: the budgets of ``benchmarks/accuracy.py`` per task, sized for its 54 runs (6 methods x 3 tasks x 3 seeds) to
+#: take ~15 minutes on 2 shared CPU cores; ``python -m auxwrap demo`` trains the digits one. Scenes at 32x32: a
+#: 64x64 run costs ~4x as much per step (the models take either size).
+FULL = {
+    "digits": Config(width=8, epochs=10, batch_size=64, n_train=1000, n_val=1000, n_test=2000),
+    "scenes-seg": Config(width=8, epochs=10, batch_size=32, n_train=512, n_val=128, n_test=256, size=32),
+    "scenes-normals": Config(width=8, epochs=10, batch_size=32, n_train=512, n_val=128, n_test=256, size=32),
+}
+#: ``--quick``: a few steps per method, to check that everything runs (the models do not learn much)
+QUICK = {
+    "digits": Config(width=4, blocks=1, epochs=2, batch_size=32, n_train=128, n_val=64, n_test=64),
+    "scenes-seg": Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=32, n_val=16, n_test=16, size=32),
+    "scenes-normals": Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=32, n_val=16, n_test=16, size=32),
+}
+
+
+def normals_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """1 - cosine between the predicted (normalised) and true unit normals, averaged over pixels."""
+    return (1.0 - F.cosine_similarity(pred, target, dim=1)).mean()
+
+
+def _seg_metrics(pred: Tensor, target: Tensor) -> dict[str, float]:
+    return {"mIoU": data.miou(pred, target, len(data.CLASSES)), "pixel_acc": data.pixel_accuracy(pred, target)}
+
+
+def _normal_metrics(pred: Tensor, target: Tensor) -> dict[str, float]:
+    errors = data.normal_errors(pred, target)
+    return {"mean_err": errors["mean"], "median_err": errors["median"], "within_11.25": errors["within_11.25"]}
+
+
+def _sizes(config: Config, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    given = (config.n_train, config.n_val, config.n_test)
+    return tuple(d if n is None else n for n, d in zip(given, default, strict=True))  # type: ignore[return-value]
+
+
+def _digits_task(config: Config) -> Task:
+    n_train, n_val, n_test = _sizes(config, (6000, 2000, 2000))
+    splits = [data.digit_pairs(split, n, aux="right") for split, n in zip(data.SPLITS, (n_train, n_val, n_test),
+                                                                         strict=True)]
+    width, blocks = config.width, config.blocks
+    return Task("digits", *splits,
+                build=lambda aux=False: DigitNet(10, width, blocks),
+                head=lambda: ClassHead(4 * width, 10),
+                primary_loss=F.cross_entropy, aux_loss=F.cross_entropy,
+                metrics=lambda p, y: {"accuracy": data.accuracy(p, y)}, metric="accuracy")
+
+
+def _scene_split(split: str, n: int, size: int, seg_primary: bool) -> TensorDataset:
+    rgb, seg, _, normals = data.scenes(n, size, seed=0, split=split).tensors
+    return TensorDataset(rgb, seg, normals) if seg_primary else TensorDataset(rgb, normals, seg)
+
+
+def _scenes_task(config: Config, seg_primary: bool) -> Task:
+    sizes = _sizes(config, (512, 128, 128))
+    splits = [_scene_split(split, n, config.size, seg_primary) for split, n in zip(data.SPLITS, sizes, strict=True)]
+    n_seg, width, blocks = len(data.CLASSES), config.width, config.blocks
+    outs = (n_seg, 3) if seg_primary else (3, n_seg)
+    losses = (F.cross_entropy, normals_loss) if seg_primary else (normals_loss, F.cross_entropy)
+    enc_widths = (width, 2 * width, 4 * width)
+    return Task("scenes-seg" if seg_primary else "scenes-normals", *splits,
+                build=lambda aux=False: SceneNet(outs[aux], width, blocks),
+                head=lambda: DenseHead(enc_widths, outs[1], scale=2),
+                primary_loss=losses[0], aux_loss=losses[1],
+                metrics=_seg_metrics if seg_primary else _normal_metrics,
+                metric="mIoU" if seg_primary else "mean_err", lower_is_better=not seg_primary)
+
+
+def make_task(name: str, config: Config | None = None) -> Task:
+    """One of :data:`TASKS`: ``"digits"`` (left digit, aux: right digit), ``"scenes-seg"`` (segmentation,
+    aux: normals) or ``"scenes-normals"`` (normals, aux: segmentation)."""
+    config = config or Config()
+    if name == "digits":
+        return _digits_task(config)
+    if name in ("scenes-seg", "scenes-normals"):
+        return _scenes_task(config, seg_primary=name == "scenes-seg")
+    raise AuxwrapArgumentError(f"task={name!r}: expected one of {TASKS}")
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+@dataclass
+class Result:
+    """One trained method: the deployed primary's test metrics and cost, and how it got there."""
+
+    task: str
+    method: str
+    label: str                         # the display name, e.g. "Aux-NAS + pcgrad-aux"
+    seed: int
+    metrics: dict[str, float]          # test split, deployed model
+    val: float                         # the selection metric on val at the kept state
+    best_epoch: int
+    flops: int                         # deployed primary, one sample
+    params: int                        # deployed primary (BatchNorm folded)
+    weight_steps: int
+    gate_steps: int
+    seconds: float
+    deployed: nn.Module = field(repr=False)
+    search: Search | None = field(default=None, repr=False)
+
+    def row(self) -> dict[str, Any]:
+        """A flat, picklable record (for CSV files and worker processes)."""
+        return {"task": self.task, "method": self.method, "label": self.label, "seed": self.seed, **self.metrics,
+                "val": self.val, "best_epoch": self.best_epoch, "flops": self.flops, "params": self.params,
+                "weight_steps": self.weight_steps, "gate_steps": self.gate_steps, "seconds": round(self.seconds, 1)}
+
+
+def method_label(method: str, config: Config | None = None) -> str:
+    """The display name of ``method`` (``"aux-nas+mto"`` names its optimisation method)."""
+    return LABELS[method].format(mto=(config or Config()).mto)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+@dataclass
+class _Setup:
+    """What differs between methods: the network, its weight parameters and its two outputs."""
+
+    net: nn.Module
+    primary: nn.Module
+    outputs: Callable[[Any], tuple[Tensor, Tensor | None]]
+    search: Search | None = None
+
+
+def _outputs_of(method: str) -> Callable[[Any], tuple[Tensor, Tensor | None]]:
+    if method == "single":
+        return lambda out: (out, None)
+    if method == "aux-head":
+        return lambda out: out
+    return lambda out: (out.primary, out.aux[0])
+
+
+def _network(method: str, task: Task, config: Config) -> _Setup:
+    """The primary's model (built first, so a seed gives every method the same primary init) and the
+    training network of ``method`` around it."""
+    primary = task.build(False)
+    if method == "single":
+        return _Setup(primary, primary, _outputs_of(method))
+    if method == "aux-head":
+        return _Setup(TwoHeads(primary, task.head()), primary, _outputs_of(method))
+    example = (task.train[0][0][None].repeat(2, 1, 1, 1),)
+    mode, taps = ("grad", method.removeprefix("aux-g-")) if method.startswith("aux-g-") else ("nas", config.taps)
+    options = {} if mode == "grad" else {"alpha_init": config.alpha_init}
+    net = attach(primary, task.build(True), mode=mode, taps=taps, example_inputs=example, **options)
+    return _Setup(net, primary, _outputs_of(method))
+
+
+def _weight_parameters(net: nn.Module) -> list[nn.Parameter]:
+    return net.weight_parameters() if isinstance(net, FusedNet) else list(net.parameters())
+
+
+def _batches(method: str, task: Task, config: Config, seed: int) -> Iterator[tuple]:
+    """Endless (search batch or None, weight batch) pairs. Aux-NAS: one batch from each half of a fresh
+    split per pass (:func:`auxwrap.search_loaders`); the others: shuffled batches of the whole split."""
+    if method.startswith("aux-nas"):
+        search_loader, train_loader = search_loaders(task.train, config.batch_size, seed=seed, drop_last=True)
+        for epoch in itertools.count():
+            search_loader.sampler.set_epoch(epoch)
+            # the train half has one sample more for an odd size: with drop_last both may differ by a batch
+            yield from zip(search_loader, train_loader, strict=False)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(task.train, config.batch_size, shuffle=True, drop_last=True, generator=generator)
+    while True:
+        for batch in loader:
+            yield None, batch
+
+
+def _losses(task: Task, setup: _Setup, batch: tuple, aux_weight: float) -> tuple[Tensor, Tensor | None]:
+    x, y, y_aux = batch
+    primary_out, aux_out = setup.outputs(setup.net(x))
+    aux_loss = None if aux_out is None else aux_weight * task.aux_loss(aux_out, y_aux)
+    return task.primary_loss(primary_out, y), aux_loss
+
+
+def _weight_step(method: str, task: Task, setup: _Setup, batch: tuple, opt: torch.optim.Optimizer,
+                 config: Config) -> float:
+    primary_loss, aux_loss = _losses(task, setup, batch, config.aux_weight)
+    opt.zero_grad(set_to_none=True)
+    if method == "aux-nas+mto":
+        loss = mto.backward([primary_loss, aux_loss], setup.net, method=config.mto)
+    else:
+        loss = primary_loss if aux_loss is None else primary_loss + aux_loss
+        loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when progress is off or tqdm is not installed."""
+
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, **kwargs: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar over the weight steps (removed when done), or a silent stand-in."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) if enabled else _NoBar()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> tuple[Tensor, Tensor]:
+    """``model``'s outputs on every sample of ``dataset`` (eval mode, restored) and the primary targets."""
+    was_training = model.training
+    model.eval()
+    outputs, targets = [], []
+    for x, y, *_ in DataLoader(dataset, batch_size):
+        outputs.append(model(x))
+        targets.append(y)
+    model.train(was_training)
+    return torch.cat(outputs), torch.cat(targets)
+
+
+def evaluate(model: nn.Module, task: Task, split: str = "test") -> dict[str, float]:
+    """The primary metrics of ``model`` (the primary alone, or its deployed module) on a split."""
+    return task.metrics(*predict(model, getattr(task, split)))
+
+
+def deploy(setup: _Setup) -> nn.Module:
+    """The primary alone, BatchNorms folded: :func:`auxwrap.prune` of a fused network, else the primary's
+    model traced and folded in the same way (the Aux-Head's extra head is simply not in it)."""
+    if isinstance(setup.net, FusedNet):
+        return prune(setup.net)
+    deployed = trace(copy.deepcopy(setup.primary).eval(), training=False).graph_module
+    fold_batchnorm(deployed)
+    return deployed.eval()
+
+
+def _check(task: str | Task, method: str, config: Config) -> None:
+    if method not in METHODS:
+        raise AuxwrapArgumentError(f"method={method!r}: expected one of {METHODS}")
+    if not isinstance(task, Task) and task not in TASKS:
+        raise AuxwrapArgumentError(f"task={task!r}: expected one of {TASKS}")
+    for name in ("epochs", "batch_size", "width", "blocks"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise AuxwrapArgumentError(f"Config.{name}={value!r}: expected an int >= 1")
+    if config.mto not in mto.METHODS:
+        raise AuxwrapArgumentError(f"Config.mto={config.mto!r}: expected one of {mto.METHODS}")
+
+
+def run(task: str | Task, method: str, seed: int = 0, config: Config | None = None) -> Result:
+    """Train ``method`` on ``task`` (a name of :data:`TASKS` or a :func:`make_task` result, reused across
+    runs), keep the best-on-val state, deploy the primary and score it on the test split."""
+    config = config or Config()
+    _check(task, method, config)
+    task = make_task(task, config) if isinstance(task, str) else task
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    setup = _network(method, task, config)
+    steps_per_epoch = len(task.train) // config.batch_size
+    if steps_per_epoch < 1:
+        raise AuxwrapArgumentError(f"batch_size={config.batch_size} is larger than the {len(task.train)} "
+                                   "training samples (Aux-NAS needs it to fit in half of them)")
+    total = config.epochs * steps_per_epoch
+    if method.startswith("aux-nas"):
+        setup.search = Search(setup.net, total_steps=total, ramp=config.ramp)
+    opt = torch.optim.SGD(_weight_parameters(setup.net), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    best: tuple[float, int, dict] | None = None
+    batches = _batches(method, task, config, seed)
+    setup.net.train()
+    bar = _progress_bar(total, f"{task.name} {method_label(method, config)} seed {seed}", config.progress)
+    for step in range(1, total + 1):
+        search_batch, batch = next(batches)
+        if setup.search is not None:
+            setup.search.step(sum(_losses(task, setup, search_batch, config.aux_weight)))
+        loss = _weight_step(method, task, setup, batch, opt, config)
+        schedule.step()
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if step % steps_per_epoch == 0 and (setup.search is None or setup.search.is_cut):
+            score = evaluate(setup.primary, task, "val")[task.metric]
+            if best is None or task.better(score, best[0]):
+                best = (score, step // steps_per_epoch, copy.deepcopy(setup.primary.state_dict()))
+    bar.close()
+    setup.net.train(False)
+    setup.primary.load_state_dict(best[2])
+    deployed = deploy(setup)
+    sample = task.test[0][0][None]
+    return Result(task.name, method, method_label(method, config), seed, evaluate(deployed, task, "test"),
+                  val=best[0], best_epoch=best[1], flops=count_flops(deployed, sample),
+                  params=count_parameters(deployed), weight_steps=total,
+                  gate_steps=total if setup.search is not None else 0, seconds=time.perf_counter() - start,
+                  deployed=deployed, search=setup.search)
+
