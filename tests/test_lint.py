@@ -5,5 +5,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ruff_is_clean():
-    result = subprocess.run(["ruff", "check", "auxwrap", "tests"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(["ruff", "check", "auxwrap", "tests", "benchmarks"], cwd=ROOT, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,142 @@
+"""Rewrite the README's results section from the files in ``benchmarks/results/``.
+
+The section lies between ``<!-- results:start -->`` and ``<!-- results:end -->``; everything in it is
+generated from ``flops.*``, ``train_step.*`` and ``deploy_latency.*`` (CSV for the numbers, JSON for
+the run record and the targets), so the README never holds a typed number.
+
+    python benchmarks/readme.py            # rewrite the section
+    python benchmarks/readme.py --check    # exit 1 if the section is not what the files give
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from common import RESULTS, ROOT, markdown_table, read_csv
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+BENCHMARKS = ("flops", "train_step", "deploy_latency")
+FLOPS_MODELS = ("single", "aux-g-deployed", "aux-nas-deployed", "fused-train-fwd", "fused-train-fwdbwd", "soft-sharing",
+                "aux-head")
+
+
+def load(folder: Path, name: str) -> tuple[dict, list[dict[str, str]]] | None:
+    meta, data = folder / f"{name}.json", folder / f"{name}.csv"
+    if not (meta.is_file() and data.is_file()):
+        return None
+    return json.loads(meta.read_text()), read_csv(data)
+
+
+def run_line(meta: dict, folder: Path) -> str:
+    env = meta["env"]
+    gpu = f" ({env['gpu']})" if env.get("gpu") else ""
+    report = (folder / f"{meta['name']}.md").relative_to(ROOT) if folder.is_relative_to(ROOT) else meta["name"]
+    return (f"`{env['command']}` on {env['device']}{gpu}, {env['machine']}; torch {env['torch']}, timm {env['timm']}; "
+            f"{env['date_utc']} UTC, {env.get('wall_s', '?')} s; load average {env['loadavg_before']} before, "
+            f"{env.get('loadavg_after')} after. Full report: [{report}]({report}).")
+
+
+def targets_section(metas: list[dict]) -> str:
+    body = [(t["name"], t["threshold"], t["measured"], f"**{t['status']}**", t["note"])
+            for meta in metas for t in meta["targets"]]
+    return markdown_table(("target", "threshold", "measured", "status", "note"), body, "llrll")
+
+
+def flops_section(meta: dict, rows: list[dict[str, str]]) -> str:
+    by = {(r["backbone"], int(r["K"]), r["model"]): r for r in rows}
+    body = []
+    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+        ks = sorted({int(r["K"]) for r in rows if r["backbone"] == backbone})
+        n = int(by[(backbone, ks[0], "single")]["flops"])
+        pair = int(by[(backbone, 1, "soft-sharing")]["flops"]) - 2 * n if (backbone, 1, "soft-sharing") in by else 0
+        for k in ks:
+            g = [f"{int(by[(backbone, k, model)]['flops']) / 1e9:.4g}" for model in FLOPS_MODELS]
+            formula = ((k + 1) * n + (k + 1) * k * pair / 2) / 1e9
+            body.append((backbone, k, *g[:-1], f"{formula:.4g}", g[-1]))
+    table = markdown_table(("backbone", "K", "single N", "Aux-G deployed", "Aux-NAS deployed", "fused train fwd",
+                            "fused train fwd+bwd", "soft sharing (K pairs)", "Table 1: (K+1)N + (K+1)KM/2",
+                            "Aux-Head (train)"), body, "lrrrrrrrrr")
+    settings = meta["settings"]
+    return "\n".join([f"GFLOPs (2 x GMACs), batch 1, {settings['backbones']}; taps=\"{settings['taps']}\", "
+                      f"window={settings['window']}; M = soft sharing(K=1) - 2N. Parameters and MACs are in the "
+                      "CSV.", "", table])
+
+
+def train_section(meta: dict, rows: list[dict[str, str]]) -> str:
+    body = [(r["impl"], r["mode"], r["K"], r["part"], f"{float(r['median_ms']):.1f}", r["gflops"], r["over_separate"],
+             r["peak_mib"]) for r in rows]
+    s = meta["settings"]
+    table = markdown_table(("impl", "mode", "K", "part", "median ms", "GFLOPs", "time / sum of separate", "peak MiB"),
+                           body, "lllrrrrr")
+    return "\n".join([f"{s['device'].upper()}, {s['backbone']} at {s['img_size']} px, batch {s['batch']}, "
+                      f"{s['repeats']} interleaved repeats after {s['warmup']} warm-up, torch threads: {s['threads']}.",
+                      "",
+                      table])
+
+
+def latency_section(meta: dict, rows: list[dict[str, str]]) -> str:
+    body = [(r["backbone"], r["model"], r["runtime"], f"{float(r['median_ms']):.2f}", r["over_original"],
+             r["compile_s"]) for r in rows]
+    s = meta["settings"]
+    table = markdown_table(("backbone", "model", "runtime", "median ms", "/ original", "first compiled call s"), body,
+                           "lllrrr")
+    return "\n".join([f"{s['device'].upper()}, {s['backbones']}, batch {s['batch']}, torch.compile backend "
+                      f"{s['backend']}, {s['repeats']} interleaved repeats, torch threads: {s['threads']}.", "", table])
+
+
+SECTIONS = {"flops": ("FLOPs and parameters", flops_section), "train_step": ("Training step", train_section),
+            "deploy_latency": ("Deployed latency", latency_section)}
+
+
+def generate(folder: Path = RESULTS) -> str:
+    """The section's Markdown (without the markers)."""
+    loaded = {name: load(folder, name) for name in BENCHMARKS}
+    present = {name: v for name, v in loaded.items() if v is not None}
+    parts = ["Generated by `python benchmarks/readme.py` from `benchmarks/results/`; rerun a benchmark, then this "
+             "script. Each benchmark takes `--quick` (a minute, written to a temporary folder) and `--device`."]
+    missing = [name for name, v in loaded.items() if v is None]
+    if missing:
+        parts.append(f"No results yet for: {', '.join(missing)}.")
+    if present:
+        parts += ["", "**Targets**", "", targets_section([meta for meta, _ in present.values()])]
+    for name, (meta, rows) in present.items():
+        title, render = SECTIONS[name]
+        parts += ["", f"### {title}", "", run_line(meta, folder), "", render(meta, rows)]
+        if meta.get("notes"):
+            parts += [""] + [f"- {note}" for note in meta["notes"]]
+    return "\n".join(parts)
+
+
+def rewrite(readme: str, section: str) -> str:
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md has no {START} ... {END} markers; add them where the results go.")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{section}\n{END}{tail}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the benchmark files")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("--check", action="store_true", help="exit 1 if the README's section is out of date")
+    args = p.parse_args(argv)
+    text = args.readme.read_text()
+    updated = rewrite(text, generate(args.results))
+    if args.check:
+        if updated != text:
+            print(f"{args.readme}: the results section is out of date; run python benchmarks/readme.py")
+            return 1
+        return 0
+    if updated != text:
+        args.readme.write_text(updated)
+    print(f"{args.readme}: results section {'rewritten' if updated != text else 'already up to date'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

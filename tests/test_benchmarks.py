@@ -1,0 +1,142 @@
+"""The benchmarks run (``--quick``, into a temporary folder) and write what the README is generated from.
+
+The quick runs are slow tests (about half a minute each on 2 CPU cores); they never touch
+``benchmarks/results``. The fast tests check the committed results against the README and lint the folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+RESULTS = BENCHMARKS / "results"
+
+FLOPS_COLUMNS = ["backbone", "K", "model", "flops", "macs", "params"]
+FLOPS_MODELS = {"single", "aux-g-deployed", "aux-nas-deployed", "fused-train-fwd", "fused-train-fwdbwd",
+                "soft-sharing", "aux-head"}
+TRAIN_COLUMNS = ["device", "backbone", "img_size", "batch", "impl", "mode", "K", "part", "median_ms", "q1_ms", "q3_ms",
+                 "repeats", "gflops", "fusion_gflops", "over_separate", "peak_mib"]
+LATENCY_COLUMNS = ["device", "backbone", "img_size", "batch", "model", "runtime", "median_ms", "q1_ms", "q3_ms",
+                   "repeats", "over_original", "compile_s", "max_rel_error"]
+
+
+def run_quick(script: str, out: Path) -> None:
+    """``python benchmarks/SCRIPT --quick --out OUT --device cpu --threads 1`` (one thread: steady on a busy
+    machine, and the counts and ratios do not depend on it)."""
+    command = [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out), "--device", "cpu",
+               "--threads", "1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("benchmarks")
+
+
+def _written(folder: Path, name: str) -> None:
+    for suffix in (".csv", ".md", ".json"):
+        assert (folder / f"{name}{suffix}").is_file(), f"{name}{suffix} not written"
+    meta = json.loads((folder / f"{name}.json").read_text())
+    assert "--quick" in meta["env"]["command"] and meta["env"]["loadavg_before"] is not None
+    assert meta["targets"], "the targets are reported"
+
+
+@pytest.mark.slow
+def test_flops_quick_writes_exact_columns_and_deployed_equals_primary(quick_results: Path) -> None:
+    run_quick("flops.py", quick_results)
+    _written(quick_results, "flops")
+    columns, rows = read(quick_results / "flops.csv")
+    assert columns == FLOPS_COLUMNS
+    assert {r["model"] for r in rows} == FLOPS_MODELS
+    single = {(r["backbone"], r["K"]): r for r in rows if r["model"] == "single"}
+    deployed = [r for r in rows if r["model"] in ("aux-g-deployed", "aux-nas-deployed")]
+    assert len(deployed) == 2 * len(single) > 0
+    for r in deployed:
+        n = single[(r["backbone"], r["K"])]
+        assert int(r["flops"]) / int(n["flops"]) == 1.0, r  # exactly the single-task cost
+        assert int(r["params"]) <= int(n["params"]), r
+    for r in rows:
+        assert int(r["macs"]) * 2 == int(r["flops"])
+    fused = {(r["backbone"], r["K"]): int(r["flops"]) for r in rows if r["model"] == "fused-train-fwd"}
+    assert all(fused[key] > (int(key[1]) + 1) * int(n["flops"]) for key, n in single.items())
+    assert "Table 1" in (quick_results / "flops.md").read_text()
+
+
+@pytest.mark.slow
+def test_train_step_quick_writes_every_configuration(quick_results: Path) -> None:
+    run_quick("train_step.py", quick_results)
+    _written(quick_results, "train_step")
+    columns, rows = read(quick_results / "train_step.csv")
+    assert columns == TRAIN_COLUMNS
+    seen = {(r["mode"], r["K"], r["part"]) for r in rows if r["impl"] == "auxwrap"}
+    assert ("single", "0", "weight-step") in seen
+    for k in ("1", "2"):
+        assert {("grad", k, "weight-step"), ("nas", k, "gate-step"), ("nas", k, "weight-step"),
+                ("nas", k, "iteration")} <= seen
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    meta = json.loads((quick_results / "train_step.json").read_text())
+    assert any(t["status"] == "not measured" and "GPU" in t["name"] for t in meta["targets"])
+
+
+@pytest.mark.slow
+def test_deploy_latency_quick_writes_eager_and_compiled(quick_results: Path) -> None:
+    run_quick("deploy_latency.py", quick_results)
+    _written(quick_results, "deploy_latency")
+    columns, rows = read(quick_results / "deploy_latency.csv")
+    assert columns == LATENCY_COLUMNS
+    assert {(r["model"], r["runtime"]) for r in rows} == {
+        (m, rt) for m in ("original", "deployed", "fused-nas-K1") for rt in ("eager", "compile")}
+    for r in rows:
+        assert float(r["max_rel_error"]) <= 1e-5, r  # deployed = original, compiled or not
+
+
+@pytest.mark.slow
+def test_readme_section_generated_from_quick_results(quick_results: Path, tmp_path: Path) -> None:
+    """From whatever quick results this module made (run alone: the quickest benchmark's only)."""
+    names = {"flops": "### FLOPs and parameters", "train_step": "### Training step",
+             "deploy_latency": "### Deployed latency"}
+    if not any((quick_results / f"{name}.json").is_file() for name in names):
+        run_quick("deploy_latency.py", quick_results)
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Results\n\n<!-- results:start -->\nSTALE-SECTION\n<!-- results:end -->\n\n## Errors\n")
+    command = [sys.executable, str(BENCHMARKS / "readme.py"), "--results", str(quick_results), "--readme", str(readme)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=60)
+    text = readme.read_text()
+    assert "STALE-SECTION" not in text and text.endswith("<!-- results:end -->\n\n## Errors\n")
+    assert "**Targets**" in text
+    for name, heading in names.items():
+        assert (heading in text) == (quick_results / f"{name}.json").is_file()
+        assert (name in text.split("No results yet for:")[-1].split("\n")[0]) != (heading in text)
+    check = subprocess.run([*command, "--check"], cwd=ROOT, capture_output=True, timeout=60)
+    assert check.returncode == 0
+
+
+def test_readme_results_section_is_up_to_date() -> None:
+    """The README's results section is what ``python benchmarks/readme.py`` makes of benchmarks/results."""
+    if not (RESULTS / "flops.json").is_file():
+        pytest.skip("no committed benchmark results")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "readme.py"), "--check"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_benchmarks_are_ruff_clean() -> None:
+    if shutil.which("ruff") is None:
+        pytest.skip("ruff is not installed")
+    result = subprocess.run(["ruff", "check", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
