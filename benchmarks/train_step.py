@@ -355,10 +355,12 @@ def explanation(rows: list[dict], setting: Setting, fused_ops: list[tuple[str, f
                          "taps='stage', means less fusion arithmetic; not measured here).")
     one, two = _row(rows, "auxwrap", "nas", 1, "iteration"), _row(rows, "auxwrap", "nas", 2, "iteration")
     if one and two:
-        lines.append(f"iteration(K=2) / iteration(K=1): FLOPs {two['gflops'] / one['gflops']:.3f}, time "
-                     f"{two['median_ms'] / one['median_ms']:.3f}: K=2 adds a third branch (x1.5) and doubles the "
-                     "fusion layers, so the arithmetic grows by more than 1.5; the time can grow less where a "
-                     "step has costs that do not grow with K (Python, optimizer launches).")
+        flop_ratio, time_ratio = two["gflops"] / one["gflops"], two["median_ms"] / one["median_ms"]
+        lines.append(f"iteration(K=2) / iteration(K=1): FLOPs {flop_ratio:.3f}, time {time_ratio:.3f}. K=2 adds a "
+                     "third branch (x1.5) and doubles the fusion layers, so the arithmetic grows by more than 1.5; "
+                     + ("the time grows less than the arithmetic: part of a step does not grow with K (Python, "
+                        "optimizer launches)." if time_ratio < flop_ratio else
+                        "the time follows the arithmetic."))
     fused, singles = dict(fused_ops), dict(single_ops)
     if "aten::mm" in fused:
         extra = fused["aten::mm"] - (k + 1) * singles.get("aten::mm", 0.0)
