@@ -16,12 +16,8 @@ TINY = Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=64, n_val=32, 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is many times faster than several on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny tensors: see conftest.one_thread."""
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,8 @@ from .zoo import ResidualNet
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: intra-op threads only add overhead, and thrash on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny tensors: see conftest.one_thread."""
 
 
 def t(*rows):

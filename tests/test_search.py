@@ -58,13 +58,8 @@ def _to_aux(net):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: with several intra-op threads on a loaded machine, spinning threads made
-    each convolution 50x slower. One thread, restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny tensors: see conftest.one_thread."""
 
 
 # ---------------------------------------------------------------------- the recipe end to end
