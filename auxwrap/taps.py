@@ -28,7 +28,7 @@ from . import analysis
 from .analysis import NCHW, NHWC, TOKENS, VECTOR, Value
 from .errors import AuxwrapArgumentError, AuxwrapTapError
 from .examples import default_example_inputs
-from .trace import Traced
+from .trace import Traced, trace
 
 BLOCK, UNIT, STAGE, NAMED = "block", "unit", "stage", "named"
 _GENERIC_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -72,15 +72,22 @@ class Tap:
         return f"{self.name} ({self.layout} {'x'.join(map(str, self.shape[1:]))})"
 
 
-def find_taps(traced: Traced, example_inputs: object = None, taps: str | Sequence[str] = "layer") -> list[Tap]:
+def find_taps(traced: Traced | nn.Module, example_inputs: object = None,
+              taps: str | Sequence[str] = "layer") -> list[Tap]:
     """The ordered fusion points of ``traced``.
 
     Args:
-        traced: the output of :func:`auxwrap.trace`.
+        traced: the output of :func:`auxwrap.trace`, or a module (traced here with the defaults; trace it
+            yourself to pass leaf modules or concrete args).
         example_inputs: a tensor or tuple of forward() inputs used to learn shapes; inferred from
             timm's ``pretrained_cfg`` where the model has one.
         taps: ``"layer"``, ``"stage"``, or a list of module paths / fx node names.
     """
+    if isinstance(traced, nn.Module):
+        traced = trace(traced)
+    elif not isinstance(traced, Traced):
+        raise AuxwrapArgumentError(
+            f"find_taps() takes a model or the result of auxwrap.trace(model), got {type(traced).__name__}.")
     finder = _TapFinder(traced, _example_inputs(traced, example_inputs))
     if isinstance(taps, str):
         if taps == "layer":

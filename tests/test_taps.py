@@ -227,3 +227,10 @@ def test_finding_points_changes_nothing_in_the_model():
     auxwrap.find_taps(auxwrap.trace(model), (torch.randn(4, 3, 16, 16) * 5 + 3,))
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(stats[k], v) for k, v in model.state_dict().items())
+
+
+def test_find_taps_takes_a_module_and_traces_it():
+    model, x = build("residual_net")
+    assert auxwrap.find_taps(model, (x,)) == auxwrap.find_taps(auxwrap.trace(model), (x,))
+    with pytest.raises(auxwrap.AuxwrapArgumentError, match="takes a model or the result of auxwrap.trace"):
+        auxwrap.find_taps("resnet50", (x,))
