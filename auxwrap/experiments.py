@@ -6,6 +6,8 @@ function, :func:`run`, that trains one method on one task and evaluates the *dep
 - ``"single"``: the primary alone.
 - ``"aux-head"``: one shared encoder, two heads (the primary's model with an extra head for the
   auxiliary task); the deployed model drops the extra head.
+- ``"aux-module"``: the auxiliary module of Liu et al. (2019), ``attach(primary, AuxModule(...), mode="grad",
+  taps="stage")``: adaptors on the primary's stage outputs and a light head, no second backbone.
 - ``"aux-g-stage"`` / ``"aux-g-layer"``: ``attach(primary, aux, mode="grad", taps="stage" | "layer")``.
 - ``"aux-nas"``: ``attach(..., mode="nas")`` with :class:`auxwrap.Search` on :func:`auxwrap.search_loaders`
   (the README's recipe).
@@ -37,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import data, mto
 from .attach import attach
+from .auxmodule import AuxModule
 from .deploy import prune
 from .errors import AuxwrapArgumentError
 from .flops import count_flops, count_parameters
@@ -63,10 +66,10 @@ __all__ = [
 ]
 
 TASKS = ("digits", "scenes-seg", "scenes-normals")
-METHODS = ("single", "aux-head", "aux-g-stage", "aux-g-layer", "aux-nas", "aux-nas+mto")
+METHODS = ("single", "aux-head", "aux-module", "aux-g-stage", "aux-g-layer", "aux-nas", "aux-nas+mto")
 #: the display names of the methods, as in the paper's tables
-LABELS = {"single": "Single", "aux-head": "Aux-Head", "aux-g-stage": "Aux-G-Stage", "aux-g-layer": "Aux-G-Layer",
-          "aux-nas": "Aux-NAS", "aux-nas+mto": "Aux-NAS + {mto}"}
+LABELS = {"single": "Single", "aux-head": "Aux-Head", "aux-module": "Aux-Module", "aux-g-stage": "Aux-G-Stage",
+          "aux-g-layer": "Aux-G-Layer", "aux-nas": "Aux-NAS", "aux-nas+mto": "Aux-NAS + {mto}"}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -239,6 +242,7 @@ class Task:
     test: Dataset
     build: Callable[[bool], nn.Module]            # build(aux=False) -> the primary's model, True: the aux model
     head: Callable[[], nn.Module]                 # the extra head of Aux-Head
+    aux_module: Callable[[], AuxModule]           # the auxiliary of Aux-Module
     primary_loss: Callable[[Tensor, Tensor], Tensor]
     aux_loss: Callable[[Tensor, Tensor], Tensor]
     metrics: Callable[[Tensor, Tensor], dict[str, float]]
@@ -249,7 +253,7 @@ class Task:
         return b is None or (a < b if self.lower_is_better else a > b)
 
 
-#: the budgets of ``benchmarks/accuracy.py`` per task, sized for its 54 runs (6 methods x 3 tasks x 3 seeds) to
+#: the budgets of ``benchmarks/accuracy.py`` per task, sized for its 63 runs (7 methods x 3 tasks x 3 seeds) to
 #: take ~15 minutes on 2 shared CPU cores; ``python -m auxwrap demo`` trains the digits one. Scenes at 32x32: a
 #: 64x64 run costs ~4x as much per step (the models take either size).
 FULL = {
@@ -292,6 +296,7 @@ def _digits_task(config: Config) -> Task:
     return Task("digits", *splits,
                 build=lambda aux=False: DigitNet(10, width, blocks),
                 head=lambda: ClassHead(4 * width, 10),
+                aux_module=lambda: AuxModule(10, head="classifier", hidden=4 * width),
                 primary_loss=F.cross_entropy, aux_loss=F.cross_entropy,
                 metrics=lambda p, y: {"accuracy": data.accuracy(p, y)}, metric="accuracy")
 
@@ -311,6 +316,7 @@ def _scenes_task(config: Config, seg_primary: bool) -> Task:
     return Task("scenes-seg" if seg_primary else "scenes-normals", *splits,
                 build=lambda aux=False: SceneNet(outs[aux], width, blocks),
                 head=lambda: DenseHead(enc_widths, outs[1], scale=2),
+                aux_module=lambda: AuxModule(outs[1], head="dense", hidden=4 * width),
                 primary_loss=losses[0], aux_loss=losses[1],
                 metrics=_seg_metrics if seg_primary else _normal_metrics,
                 metric="mIoU" if seg_primary else "mean_err", lower_is_better=not seg_primary)
@@ -389,9 +395,14 @@ def _network(method: str, task: Task, config: Config) -> _Setup:
     if method == "aux-head":
         return _Setup(TwoHeads(primary, task.head()), primary, _outputs_of(method))
     example = (task.train[0][0][None].repeat(2, 1, 1, 1),)
-    mode, taps = ("grad", method.removeprefix("aux-g-")) if method.startswith("aux-g-") else ("nas", config.taps)
+    if method == "aux-module":
+        aux, mode, taps = task.aux_module(), "grad", "stage"
+    elif method.startswith("aux-g-"):
+        aux, mode, taps = task.build(True), "grad", method.removeprefix("aux-g-")
+    else:
+        aux, mode, taps = task.build(True), "nas", config.taps
     options = {} if mode == "grad" else {"alpha_init": config.alpha_init}
-    net = attach(primary, task.build(True), mode=mode, taps=taps, example_inputs=example, **options)
+    net = attach(primary, aux, mode=mode, taps=taps, example_inputs=example, **options)
     return _Setup(net, primary, _outputs_of(method))
 
 

@@ -189,7 +189,7 @@ def write_markdown(rows: list[dict], configs: dict[str, Config], args: argparse.
     seeds = len({r["seed"] for r in rows})
     kept = ""
     if path.exists() and NOTES in (old := path.read_text()):
-        kept = old.split(NOTES, 1)[1].lstrip("\n")
+        kept = old.split(NOTES, 1)[1].strip("\n")
     parts = [
         "# Accuracy of the deployed primary",
         "",

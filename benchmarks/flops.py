@@ -11,6 +11,10 @@ For each backbone and K auxiliaries (copies of the backbone's architecture, rand
 - ``soft-sharing``: the same branches kept whole at inference, every connection on, as soft-sharing MTL runs
   them (the Aux-NAS fused network's forward).
 - ``aux-head``: a shared-encoder Aux-Head model (the primary's backbone + K+1 linear heads), forward.
+- ``aux-module-train-fwd`` / ``aux-module-train-fwdbwd``: the primary with K auxiliary modules of Liu et al.
+  (``attach(primary, [AuxModule(...) for each auxiliary task], mode="grad")``, classifier heads), one forward,
+  and one forward + backward: their training cost.
+- ``aux-module-deployed``: that network's ``detach_primary()``; must cost N (no inference overhead).
 
 The Markdown also compares with the paper's Table 1 (inference FLOPs N for Aux-NAS against
 (K+1)N + (K+1)KM/2 for soft sharing) and lists the Aux-G training graph.
@@ -37,8 +41,8 @@ from auxwrap.models import build_model
 
 COLUMNS = ("backbone", "K", "model", "flops", "macs", "params")
 MODELS = ("single", "aux-g-deployed", "aux-nas-deployed", "fused-train-fwd", "fused-train-fwdbwd", "soft-sharing",
-          "aux-head")
-DEPLOYED = ("aux-g-deployed", "aux-nas-deployed")
+          "aux-head", "aux-module-train-fwd", "aux-module-train-fwdbwd", "aux-module-deployed")
+DEPLOYED = ("aux-g-deployed", "aux-nas-deployed", "aux-module-deployed")
 
 
 @dataclass(frozen=True)
@@ -166,10 +170,24 @@ def measure(backbone: Backbone, k: int) -> Measured:
                     for site, fusion in nas.fusion_sites()), key=lambda t: -t[1])
     measured = Measured(counts, grad_train, grad_fwd, {"grad": grad_links, "nas": len(nas.connections())},
                         len(nas.taps["primary"]), sizes[:3])
-    del nas, primary, aux
+    del nas, aux
+    gc.collect()
+    counts.update(aux_module_counts(primary, k, x))
+    del primary
     gc.collect()
     counts["aux-head"] = count(aux_head(backbone, k).eval(), x)
     return measured
+
+
+def aux_module_counts(primary: nn.Module, k: int, x: torch.Tensor) -> dict[str, Count]:
+    """The primary with K auxiliary modules (Liu et al.; default 1x1 adaptors, sum, 64 hidden channels, a
+    classifier as wide as the primary's) on its layer points: training forward, forward + backward, deployed."""
+    with torch.no_grad():
+        classes = primary(x).shape[-1]
+    modules = [auxwrap.AuxModule(num_outputs=classes, head="classifier") for _ in range(k)]
+    net = auxwrap.attach(primary, modules, mode="grad", taps=TAPS, example_inputs=(x,))
+    return {"aux-module-train-fwd": count(net, x), "aux-module-train-fwdbwd": count(net, x, backward=True),
+            "aux-module-deployed": count(net.detach_primary(), x)}
 
 
 # ---------------------------------------------------------------------- report
@@ -190,7 +208,8 @@ def targets(rows: Sequence[dict]) -> list[common.Target]:
     exact = all(r["flops"] == single[(r["backbone"], r["K"])]["flops"] for r in deployed)
     return [
         common.check("deployed / primary FLOPs, every row", worst_flops if exact else max(flops), 1.0, op="==",
-                     note=f"{len(deployed)} rows (Aux-G and Aux-NAS); {'all' if exact else 'NOT all'} exactly equal"),
+                     note=f"{len(deployed)} rows (Aux-G, Aux-NAS, Aux-Module); "
+                          f"{'all' if exact else 'NOT all'} exactly equal"),
         common.check("deployed / primary parameters, every row", max(params), 1.0,
                      note=f"largest of {len(deployed)} rows (BN folded: below 1 where the backbone has BN)"),
     ]
@@ -256,6 +275,14 @@ def matches_k_pairs(rows: Sequence[dict]) -> bool:
     return True
 
 
+def module_overheads(rows: Sequence[dict]) -> str:
+    """``+x % (backbone), ...``: one auxiliary module's training forward over N, at K=1."""
+    by = {(r["backbone"], r["K"], r["model"]): r["flops"] for r in rows}
+    parts = [f"+{100 * (by[(b, 1, 'aux-module-train-fwd')] / by[(b, 1, 'single')] - 1):.1f} % ({b})"
+             for b in dict.fromkeys(r["backbone"] for r in rows) if (b, 1, "aux-module-train-fwd") in by]
+    return ", ".join(parts)
+
+
 def body_markdown(rows: Sequence[dict], measured: dict[tuple[str, int], Measured], size_note: str) -> str:
     points = ", ".join(f"{b}: {m.points}" for (b, k), m in measured.items() if k == 1)
     largest = []
@@ -270,7 +297,10 @@ def body_markdown(rows: Sequence[dict], measured: dict[tuple[str, int], Measured
         "attention included; norms and element-wise ops are not FLOPs here). The fused rows are Aux-NAS "
         "(links both ways); `soft-sharing` is the same network in eval mode with every connection on. "
         "`aux-head` is the training model of hard sharing (encoder + K+1 heads); at inference it drops its "
-        "auxiliary heads and costs N plus nothing.",
+        "auxiliary heads and costs N plus nothing. The `aux-module` rows are the primary with K auxiliary modules of "
+        "Liu et al. (2019) on its layer points (1x1 conv-BN-ReLU adaptors to 64 channels, summed, a linear "
+        f"classifier): forward FLOPs per module {module_overheads(rows)} of N in training, and nothing at "
+        "inference (`aux-module-deployed`).",
         "",
         main_table(rows),
         "",

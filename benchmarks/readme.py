@@ -20,8 +20,12 @@ from common import RESULTS, ROOT, markdown_table, read_csv
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BENCHMARKS = ("flops", "train_step", "deploy_latency")
-FLOPS_MODELS = ("single", "aux-g-deployed", "aux-nas-deployed", "fused-train-fwd", "fused-train-fwdbwd", "soft-sharing",
-                "aux-head")
+#: the README's FLOPs columns: CSV model -> header; the Table 1 formula column goes after soft sharing
+FLOPS_COLUMNS = {"single": "single N", "aux-g-deployed": "Aux-G deployed", "aux-nas-deployed": "Aux-NAS deployed",
+                 "aux-module-deployed": "Aux-Module deployed", "fused-train-fwd": "fused train fwd",
+                 "fused-train-fwdbwd": "fused train fwd+bwd", "soft-sharing": "soft sharing (K pairs)",
+                 "aux-head": "Aux-Head (train fwd)", "aux-module-train-fwdbwd": "Aux-Module train fwd+bwd"}
+FORMULA = "Table 1: (K+1)N + (K+1)KM/2"
 
 
 def load(folder: Path, name: str) -> tuple[dict, list[dict[str, str]]] | None:
@@ -48,18 +52,19 @@ def targets_section(metas: list[dict]) -> str:
 
 def flops_section(meta: dict, rows: list[dict[str, str]]) -> str:
     by = {(r["backbone"], int(r["K"]), r["model"]): r for r in rows}
+    headers = list(FLOPS_COLUMNS.values())
+    headers.insert(headers.index(FLOPS_COLUMNS["soft-sharing"]) + 1, FORMULA)
     body = []
     for backbone in dict.fromkeys(r["backbone"] for r in rows):
         ks = sorted({int(r["K"]) for r in rows if r["backbone"] == backbone})
         n = int(by[(backbone, ks[0], "single")]["flops"])
         pair = int(by[(backbone, 1, "soft-sharing")]["flops"]) - 2 * n if (backbone, 1, "soft-sharing") in by else 0
         for k in ks:
-            g = [f"{int(by[(backbone, k, model)]['flops']) / 1e9:.4g}" for model in FLOPS_MODELS]
-            formula = ((k + 1) * n + (k + 1) * k * pair / 2) / 1e9
-            body.append((backbone, k, *g[:-1], f"{formula:.4g}", g[-1]))
-    table = markdown_table(("backbone", "K", "single N", "Aux-G deployed", "Aux-NAS deployed", "fused train fwd",
-                            "fused train fwd+bwd", "soft sharing (K pairs)", "Table 1: (K+1)N + (K+1)KM/2",
-                            "Aux-Head (train)"), body, "lrrrrrrrrr")
+            cells = {header: f"{int(by[(backbone, k, model)]['flops']) / 1e9:.4g}" if (backbone, k, model) in by
+                     else "-" for model, header in FLOPS_COLUMNS.items()}
+            cells[FORMULA] = f"{((k + 1) * n + (k + 1) * k * pair / 2) / 1e9:.4g}"
+            body.append((backbone, k, *(cells[h] for h in headers)))
+    table = markdown_table(("backbone", "K", *headers), body, "lr" + "r" * len(headers))
     settings = meta["settings"]
     return "\n".join([f"GFLOPs (2 x GMACs), batch 1, {settings['backbones']}; taps=\"{settings['taps']}\", "
                       f"window={settings['window']}; M = soft sharing(K=1) - 2N. Parameters and MACs are in the "
@@ -109,6 +114,7 @@ def generate(folder: Path = RESULTS) -> str:
         if meta.get("notes"):
             parts += [""] + [f"- {note}" for note in meta["notes"]]
     return "\n".join(parts)
+
 
 
 def rewrite(readme: str, section: str) -> str:

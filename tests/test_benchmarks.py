@@ -21,7 +21,7 @@ RESULTS = BENCHMARKS / "results"
 
 FLOPS_COLUMNS = ["backbone", "K", "model", "flops", "macs", "params"]
 FLOPS_MODELS = {"single", "aux-g-deployed", "aux-nas-deployed", "fused-train-fwd", "fused-train-fwdbwd",
-                "soft-sharing", "aux-head"}
+                "soft-sharing", "aux-head", "aux-module-train-fwd", "aux-module-train-fwdbwd", "aux-module-deployed"}
 TRAIN_COLUMNS = ["device", "backbone", "img_size", "batch", "impl", "mode", "K", "part", "median_ms", "q1_ms", "q3_ms",
                  "repeats", "gflops", "fusion_gflops", "over_separate", "peak_mib"]
 LATENCY_COLUMNS = ["device", "backbone", "img_size", "batch", "model", "runtime", "median_ms", "q1_ms", "q3_ms",
@@ -64,8 +64,8 @@ def test_flops_quick_writes_exact_columns_and_deployed_equals_primary(quick_resu
     assert columns == FLOPS_COLUMNS
     assert {r["model"] for r in rows} == FLOPS_MODELS
     single = {(r["backbone"], r["K"]): r for r in rows if r["model"] == "single"}
-    deployed = [r for r in rows if r["model"] in ("aux-g-deployed", "aux-nas-deployed")]
-    assert len(deployed) == 2 * len(single) > 0
+    deployed = [r for r in rows if r["model"] in ("aux-g-deployed", "aux-nas-deployed", "aux-module-deployed")]
+    assert len(deployed) == 3 * len(single) > 0
     for r in deployed:
         n = single[(r["backbone"], r["K"])]
         assert int(r["flops"]) / int(n["flops"]) == 1.0, r  # exactly the single-task cost
@@ -74,6 +74,8 @@ def test_flops_quick_writes_exact_columns_and_deployed_equals_primary(quick_resu
         assert int(r["macs"]) * 2 == int(r["flops"])
     fused = {(r["backbone"], r["K"]): int(r["flops"]) for r in rows if r["model"] == "fused-train-fwd"}
     assert all(fused[key] > (int(key[1]) + 1) * int(n["flops"]) for key, n in single.items())
+    module = {(r["backbone"], r["K"]): int(r["flops"]) for r in rows if r["model"] == "aux-module-train-fwd"}
+    assert all(int(n["flops"]) < module[key] < fused[key] for key, n in single.items())  # light, but not free
     assert "Table 1" in (quick_results / "flops.md").read_text()
 
 

@@ -48,6 +48,13 @@ def test_aux_nas_is_cut_before_its_state_is_kept(digits):
         assert result.search.summary().max_to_primary == 0.0
 
 
+def test_aux_module_trains_the_primary_with_its_loss_and_leaves_nothing_behind(digits):
+    """Same seed, same batches as Single: only the auxiliary module's gradients can make them differ."""
+    single, module = (digits[m].deployed.state_dict() for m in ("single", "aux-module"))
+    assert single.keys() == module.keys()
+    assert any(not torch.equal(single[k], module[k]) for k in single if single[k].is_floating_point())
+
+
 def test_the_same_seed_gives_the_same_result():
     task = make_task("digits", TINY)
     first, second = (run(task, "aux-g-stage", seed=3, config=TINY) for _ in range(2))
@@ -64,7 +71,7 @@ def test_scene_tasks_train_dense_models_with_the_other_task_as_auxiliary(name, m
     x, y, y_aux = task.train[0]
     assert x.shape == (3, 32, 32) and (y.dtype == torch.long) == (name == "scenes-seg")
     assert (y_aux.dtype == torch.long) == (name == "scenes-normals")
-    results = [run(task, method, seed=0, config=config) for method in ("single", "aux-head", "aux-nas")]
+    results = [run(task, method, seed=0, config=config) for method in ("single", "aux-head", "aux-module", "aux-nas")]
     assert {r.flops for r in results} == {results[0].flops}
     assert all(set(r.metrics) == metrics for r in results)
 
