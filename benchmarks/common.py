@@ -249,6 +249,12 @@ class Record:
                 "targets": [asdict(t) for t in self.targets], "notes": self.notes}
         (folder / f"{self.name}.json").write_text(json.dumps(meta, indent=2) + "\n")
 
+    def print_summary(self, folder: Path) -> None:
+        """The targets, one line each, and the files written: how every benchmark ends its output."""
+        for t in self.targets:
+            print(f"{t.name}: {t.measured} ({t.threshold}) {t.status} {t.note}".rstrip())
+        print(f"wrote {folder / self.name}.csv and {folder / self.name}.md")
+
 
 # ---------------------------------------------------------------------- timing
 

@@ -175,9 +175,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                             "backend": args.backend, "threads": torch.get_num_threads()},
                            targets(rows, device), notes)
     record.write(folder, "## Latency (medians of interleaved repeats)\n\n" + table(rows))
-    for t in record.targets:
-        print(f"{t.name}: {t.measured} ({t.threshold}) {t.status} {t.note}")
-    print(f"wrote {folder / 'deploy_latency.csv'} and {folder / 'deploy_latency.md'}")
+    record.print_summary(folder)
     return folder
 
 

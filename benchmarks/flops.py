@@ -355,9 +355,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                             "threads": torch.get_num_threads()},
                            targets(rows))
     record.write(folder, body_markdown(rows, measured, sizes))
-    for t in record.targets:
-        print(f"{t.name}: {t.measured} ({t.threshold}) {t.status}")
-    print(f"wrote {folder / 'flops.csv'} and {folder / 'flops.md'}")
+    record.print_summary(folder)
     return folder
 
 

@@ -488,9 +488,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         *[f"- {line}" for line in explanation(rows, setting, fused_ops, single_ops, k_prof)],
     ])
     record.write(folder, body)
-    for t in record.targets:
-        print(f"{t.name}: {t.measured} ({t.threshold}) {t.status} {t.note}")
-    print(f"wrote {folder / 'train_step.csv'} and {folder / 'train_step.md'}")
+    record.print_summary(folder)
     return folder
 
 
