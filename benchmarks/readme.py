@@ -113,8 +113,22 @@ def generate(folder: Path = RESULTS) -> str:
         parts += ["", f"### {title}", "", run_line(meta, folder), "", render(meta, rows)]
         if meta.get("notes"):
             parts += [""] + [f"- {note}" for note in meta["notes"]]
+    parts += other_runs(folder)
     return "\n".join(parts)
 
+
+def other_runs(folder: Path) -> list[str]:
+    """Runs kept in sub-folders of the results (other settings of a benchmark): their run line and targets."""
+    runs = [(sub, load(sub, name)) for sub in sorted(p for p in folder.iterdir() if p.is_dir())
+            for name in BENCHMARKS]
+    runs = [(sub, loaded[0]) for sub, loaded in runs if loaded is not None]
+    if not runs:
+        return []
+    parts = ["", "### Other runs"]
+    for sub, meta in runs:
+        parts += ["", f"**{meta['title']}**, `{sub.name}/`: {run_line(meta, sub)}", "",
+                  targets_section([meta])]
+    return parts
 
 
 def rewrite(readme: str, section: str) -> str:

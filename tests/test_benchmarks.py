@@ -128,6 +128,20 @@ def test_readme_section_generated_from_quick_results(quick_results: Path, tmp_pa
     assert check.returncode == 0
 
 
+def test_the_reference_loads_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train_step imports the anchor script unchanged and builds its models on our device."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import torch
+    import train_step
+
+    path = train_step.find_anchor()
+    if path is None:
+        pytest.skip("../shared/anchors/vit_pair_step.py is not beside this checkout")
+    anchor = train_step.load_anchor(path, torch.device("cpu"))
+    assert anchor.dev == "cpu" and anchor.B == 20  # its own default batch: our argv was hidden from it
+    assert next(anchor.vit().parameters()).device.type == "cpu"  # its ViT-Base, moved to anchor.dev
+
+
 def test_readme_results_section_is_up_to_date() -> None:
     """The README's results section is what ``python benchmarks/readme.py`` makes of benchmarks/results."""
     if not (RESULTS / "flops.json").is_file():
