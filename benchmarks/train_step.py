@@ -63,6 +63,12 @@ class Setting:
     ks: tuple[int, ...]
     warmup: int
     repeats: int
+    window: int = 3  # attach(window=...): sources per fusion
+
+    @property
+    def window_sources(self) -> str:
+        """Sources per destination block, in order: ``1, 2, 3, 3, ...`` for window 3."""
+        return ", ".join(str(min(i + 1, self.window)) for i in range(self.window + 1)) + ", ..."
 
 
 GPU = Setting("vit_base_patch16_224", 224, 20, (1, 2, 3), 5, 20)
@@ -138,12 +144,14 @@ def auxwrap_configs(setting: Setting, device: torch.device, xs: tuple[torch.Tens
     configs = [Config("auxwrap", "single", 0, {"weight-step": weight_step(branches[0], single_opt, xw)},
                       [single_opt], branches[0])]
     for k in setting.ks:
-        net = auxwrap.attach(branches[0], branches[1:k + 1], mode="grad", example_inputs=example).train()
+        net = auxwrap.attach(branches[0], branches[1:k + 1], mode="grad", window=setting.window,
+                             example_inputs=example).train()
         opt = torch.optim.Adam(net.weight_parameters(), lr=LR)
         configs.append(Config("auxwrap", "grad", k, {"weight-step": weight_step(net, opt, xw)}, [opt], net,
                               AUXWRAP_FUSIONS, {"connections": len(net.connections())}))
     for k in setting.ks:
-        net = auxwrap.attach(branches[0], branches[1:k + 1], mode="nas", example_inputs=example).train()
+        net = auxwrap.attach(branches[0], branches[1:k + 1], mode="nas", window=setting.window,
+                             example_inputs=example).train()
         search = auxwrap.Search(net, total_steps=GATE_TOTAL_STEPS)
         opt = torch.optim.Adam(net.weight_parameters(), lr=LR)
 
@@ -289,6 +297,8 @@ def targets(rows: list[dict], setting: Setting, device: torch.device) -> list[co
     the same ratios measured on this CPU (met/missed against the same threshold)."""
     gpu = device.type == "cuda"
     where = f"{device.type.upper()}, {setting.backbone} {setting.img_size}px batch {setting.batch}"
+    if setting.window != 3:
+        where += f", window {setting.window}"
     out = []
     if not gpu:
         out += [common.check("fused weight step / sum of separate steps, grad and nas, every K (GPU)", None, 1.10,
@@ -356,13 +366,15 @@ def explanation(rows: list[dict], setting: Setting, fused_ops: list[tuple[str, f
         if above:
             lines.append(f"{mode}: the fused weight step does more arithmetic than 1.10 x the separate steps "
                          f"({', '.join(above)}); the fusion linears are that extra. A device as efficient on the "
-                         "fused step as on the separate ones cannot reach 1.10 there (a smaller window, or "
-                         "taps='stage', means less fusion arithmetic; not measured here).")
+                         f"fused step as on the separate ones cannot reach 1.10 there with window={setting.window}"
+                         + (" (a smaller --window means less fusion arithmetic)." if setting.window > 1 else
+                            "; fewer fusion points (taps) is what remains."))
     one, two = _row(rows, "auxwrap", "nas", 1, "iteration"), _row(rows, "auxwrap", "nas", 2, "iteration")
     if one and two:
         flop_ratio, time_ratio = two["gflops"] / one["gflops"], two["median_ms"] / one["median_ms"]
         lines.append(f"iteration(K=2) / iteration(K=1): FLOPs {flop_ratio:.3f}, time {time_ratio:.3f}. K=2 adds a "
-                     "third branch (x1.5) and doubles the fusion layers, so the arithmetic grows by more than 1.5; "
+                     "third branch (x1.5) and doubles the fusion layers, so the arithmetic grows by more than 1.5 "
+                     "((3N + 2F) / (2N + F) > 1.5 for N per branch and any fusion cost F > 0 per pair); "
                      + ("the time grows less than the arithmetic: part of a step does not grow with K (Python, "
                         "optimizer launches)." if time_ratio < flop_ratio else
                         "the time follows the arithmetic."))
@@ -433,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--k", type=int, nargs="+", help="numbers of auxiliaries (default 1 2 3)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
+    p.add_argument("--window", type=int, default=3, help="attach(window=...): sources per fusion (default 3)")
     p.add_argument("--no-reference", action="store_true", help="do not time the anchor script (ViT-Base 224 only)")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -440,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     base = QUICK if args.quick else GPU if device.type == "cuda" else CPU
     setting = Setting(args.backbone or base.backbone, args.img_size or base.img_size, args.batch or base.batch,
                       tuple(args.k or base.ks), args.warmup if args.warmup is not None else base.warmup,
-                      args.repeats or base.repeats)
+                      args.repeats or base.repeats, args.window)
     env = common.environment(device)
     flushed = common.flush_denormals(device)
     if device.type == "cuda":  # fp32 throughout, as the paper and the anchor (which also sets these at import)
@@ -485,9 +498,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
                      "on random data, drives values into the denormal range within ~100 steps, after which a CPU "
                      "step ran up to 80x slower (a GPU has no such penalty); see benchmarks/common.py.")
     notes += [
-        f"auxwrap fused networks: taps='layer', window=3 (sources per destination block 1, 2, 3, 3, ...); "
-        f"connections {connections}. The anchor fuses inside groups of 3 blocks (1, 2, 3, 1, 2, 3, ...): "
-        "fewer fusion FLOPs than auxwrap's sliding window.",
+        f"auxwrap fused networks: taps='layer', window={setting.window} (sources per destination block "
+        f"{setting.window_sources}); "
+        f"connections {connections}. The anchor fuses inside groups of 3 blocks (1, 2, 3, 1, 2, 3, ...)"
+        + (": fewer fusion FLOPs than auxwrap's sliding window." if setting.window >= 3 else "."),
         "auxwrap.Search.step differentiates the loss w.r.t. the gates only (torch.autograd.grad): no weight "
         "gradients in the gate step; the anchor's gate step backpropagates into every weight.",
         "Search with its defaults (Adam lr 1e-2, record=True) and total_steps=1e6, so the L1 weight is 0 and "
@@ -501,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                            common.finish_environment(env, started),
                            {"device": device.type, "backbone": setting.backbone, "img_size": setting.img_size,
                             "batch": setting.batch, "K": list(setting.ks), "warmup": setting.warmup,
-                            "repeats": setting.repeats, "threads": torch.get_num_threads(),
+                            "repeats": setting.repeats, "window": setting.window, "threads": torch.get_num_threads(),
                             "flush_denormal": flushed},
                            targets(rows, setting, device), notes)
     body = "\n".join([
