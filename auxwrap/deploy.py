@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .analysis import as_input_tuple, eval_mode
@@ -63,12 +65,15 @@ def detach_primary(net: FusedNet) -> fx.GraphModule:
 
 def fold_primary(net: FusedNet) -> fx.GraphModule:
     """A copy of the primary, traced in eval mode, BatchNorms folded; links are not checked."""
-    primary = copy.deepcopy(net.primary).eval()
-    deployed = trace(primary, training=False, **net.trace_options).graph_module
-    report = fold_batchnorm(deployed)
-    deployed.eval()
-    deployed.fold_report = report
-    return deployed
+    return fold_module(net.primary, **net.trace_options)
+
+
+def fold_module(model: nn.Module, **trace_options: Any) -> fx.GraphModule:
+    """A copy of ``model`` traced in eval mode with its BatchNorms folded (the report on ``fold_report``):
+    how a model without auxiliaries, e.g. a single-task baseline, is deployed like a pruned primary."""
+    deployed = trace(copy.deepcopy(model).eval(), training=False, **trace_options).graph_module
+    deployed.fold_report = fold_batchnorm(deployed)
+    return deployed.eval()
 
 
 def prune(net: FusedNet, tol: float = 1e-4, probe: object = None, force: bool = False) -> fx.GraphModule:

@@ -40,13 +40,11 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from . import data, mto
 from .attach import attach
 from .auxmodule import AuxModule
-from .deploy import prune
+from .deploy import fold_module, prune
 from .errors import AuxwrapArgumentError
 from .flops import count_flops, count_parameters
-from .fold import fold_batchnorm
 from .fused import FusedNet
 from .search import Search, search_loaders
-from .trace import trace
 
 __all__ = [
     "FULL",
@@ -486,9 +484,7 @@ def deploy(setup: _Setup) -> nn.Module:
     model traced and folded in the same way (the Aux-Head's extra head is simply not in it)."""
     if isinstance(setup.net, FusedNet):
         return prune(setup.net)
-    deployed = trace(copy.deepcopy(setup.primary).eval(), training=False).graph_module
-    fold_batchnorm(deployed)
-    return deployed.eval()
+    return fold_module(setup.primary)
 
 
 def _check(task: str | Task, method: str, config: Config) -> None:
