@@ -81,15 +81,14 @@ def attach(
     _check_fusions(fusion_sites, fusions)
 
     prefixes = {PRIMARY: "primary", **{aux_branch(k): f"aux.{k}" for k in range(len(aux_models))}}
-    read_nodes = {b: [t.node for t in taps] for b, taps in read_points.items()}
-    graphs = {False: fused_graph(by_mode[False], prefixes, fusion_sites, read_nodes)}
+    graphs = {False: fused_graph(by_mode[False], prefixes, fusion_sites, _nodes_of(read_points))}
     if _graphs_differ(by_mode[False], by_mode[True]):
         train_points = _find_points(by_mode[True], inputs, specs)
         _check_same_points(points, train_points)
         train_reads = _reader_points(by_mode[True][PRIMARY], inputs, readers, specs)
         _check_same_points(read_points, train_reads)
         graphs[True] = fused_graph(by_mode[True], prefixes, _retarget(fusion_sites, train_points),
-                                   {b: [t.node for t in taps] for b, taps in train_reads.items()})
+                                   _nodes_of(train_reads))
     device, dtype = _device_and_dtype(primary)
     fusions = {name: f.to(device=device, dtype=dtype) for name, f in fusions.items()}
     for branch, module in readers.items():  # last: a failed attach() leaves the AuxModules unbound
@@ -231,6 +230,11 @@ def _check_same_points(eval_points: dict[str, list[Tap]], train_points: dict[str
             raise AuxwrapTapError(
                 f"the train-mode and eval-mode graphs of {branch} have different fusion points "
                 f"({len(theirs)} vs {len(ours)}); name the points by module path with taps=[...].")
+
+
+def _nodes_of(points: dict[str, list[Tap]]) -> dict[str, list[str]]:
+    """Each branch's points as fx node names (how the graph builder is told what a reader reads)."""
+    return {branch: [t.node for t in taps] for branch, taps in points.items()}
 
 
 def _retarget(fusion_sites: list[Site], points: dict[str, list[Tap]]) -> list[Site]:

@@ -117,7 +117,8 @@ def measure_cut(net: FusedNet, inputs: tuple) -> tuple[float, list[LinkContribut
     contributions: list[LinkContribution] = []
     hooks = [fusion.register_forward_hook(_recorder(site, fusion, contributions))
              for site, fusion in net.fusion_sites(dest_branch=PRIMARY)]
-    saved = [f.gate.detach().clone() for _, f in net.fusion_sites(dest_branch=PRIMARY) if f.gate is not None]
+    gated = [f for _, f in net.fusion_sites(dest_branch=PRIMARY) if f.gate is not None]
+    saved = [f.gate.detach().clone() for f in gated]
     try:
         with eval_mode(net), torch.no_grad():
             before = net(*inputs).primary
@@ -129,7 +130,6 @@ def measure_cut(net: FusedNet, inputs: tuple) -> tuple[float, list[LinkContribut
         for hook in hooks:
             hook.remove()
         with torch.no_grad():
-            gated = [f for _, f in net.fusion_sites(dest_branch=PRIMARY) if f.gate is not None]
             for fusion, gate in zip(gated, saved, strict=True):
                 fusion.gate.copy_(gate)
     return _relative_change(before, after), contributions
@@ -164,7 +164,6 @@ def _live_links(net: FusedNet) -> list[str]:
             if gate != 0.0 and bool(fusion.source_weight(j).any()):
                 live.append(f"{site.source_branch}.{tap.name} -> primary.{site.dest.name} (gate {gate:.3g})")
     return live
-
 
 
 def export(deployed: torch.nn.Module, *inputs: torch.Tensor) -> torch.export.ExportedProgram:

@@ -62,7 +62,7 @@ class FusedNet(nn.Module):
 
     def _program(self) -> fx.GraphModule:
         """The compiled program of the current mode, calling this network's own submodules."""
-        key = self.training if self.training in self._graphs else False
+        key = self._mode_key()
         program = self._programs.get(key)
         if program is None:
             program = fx.GraphModule(self, self._graphs[key], class_name="FusedForward")
@@ -83,7 +83,11 @@ class FusedNet(nn.Module):
 
     @property
     def graph(self) -> fx.Graph:
-        return self._graphs[self.training if self.training in self._graphs else False]
+        return self._graphs[self._mode_key()]
+
+    def _mode_key(self) -> bool:
+        """Which graph runs now: the train graph in train mode where there is one, else the eval graph."""
+        return self.training if self.training in self._graphs else False
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -52,9 +52,8 @@ def plot_gates(search_or_history: Any, net: nn.Module | None = None, path: str |
     if not history.values:
         raise AuxwrapArgumentError("the search has recorded no gate values: create Search(..., record=True).")
     if net is not None:
-        connections = unwrap(net).connections()
-        connections = [c for c in connections if c.gate is not None]
-        points = {b: [t.name for t in taps] for b, taps in unwrap(net).taps.items()}
+        fused = unwrap(net)
+        connections, points = fused.connections(), {b: [t.name for t in taps] for b, taps in fused.taps.items()}
     else:
         connections, points = history.final(), history.points
 

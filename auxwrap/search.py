@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .analysis import as_input_tuple
+from .deploy import cut_links, measure_cut
 from .errors import AuxwrapArgumentError
 from .fused import FusedNet
 from .fusion import Fusion
@@ -105,8 +106,6 @@ def cut_error(net: nn.Module, probe_inputs: Any) -> float:
     """How much zeroing every auxiliary -> primary gate changes the primary's output on a probe batch:
     ``||y_cut - y|| / ||y||`` in eval mode (0.0: the cut is lossless on this batch); ``net`` is left as
     it was. The measure :func:`auxwrap.prune` applies."""
-    from .deploy import measure_cut
-
     return measure_cut(unwrap(net), as_input_tuple(probe_inputs, "probe_inputs"))[0]
 
 
@@ -344,8 +343,7 @@ class Search:
             return self.max_gate_at_cut
         with torch.no_grad():
             largest = max(f.gate.clamp(0.0, 1.0).max().item() for f in self._to_primary)
-            for f in self._to_primary:
-                f.gate.zero_()
+        cut_links(self.net)
         self.max_gate_at_cut = largest
         self.history.cut_step = self.steps_done
         if largest > CUT_WARN:
@@ -384,8 +382,7 @@ class Search:
         for p in self.gates:
             p.clamp_(0.0, 1.0)
         if self.is_cut:
-            for f in self._to_primary:
-                f.gate.zero_()
+            cut_links(self.net)
 
     def _all_reduce(self, grads: list[torch.Tensor]) -> None:
         if not (dist.is_available() and dist.is_initialized()):

@@ -5,7 +5,7 @@ from torch import nn
 import auxwrap
 from auxwrap import AuxModule
 
-from .zoo import ResidualBlock, make
+from .zoo import DictNet, make
 
 ARCHS = ["tv_resnet18", "tv_vgg11_bn", "timm_efficientnet_b0", "timm_convnext_atto", "timm_deit_tiny",
          "timm_swin_tiny"]
@@ -73,33 +73,18 @@ def test_aux_module_reads_its_own_points_and_reports_its_links():
     assert net(x).aux[1].shape == (2, 2)
 
 
-class SharedEncoderTwoHeads(nn.Module):
-    """Hard parameter sharing: one encoder, a classification head and a dense head."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.encoder = nn.Sequential(ResidualBlock(16), ResidualBlock(16), ResidualBlock(16))
-        self.cls_head = nn.Linear(16, 10)
-        self.seg_head = nn.Conv2d(16, 4, 1)
-
-    def forward(self, x):
-        features = self.encoder(torch.relu(self.stem(x)))
-        return {"cls": self.cls_head(features.mean((2, 3))), "seg": self.seg_head(features)}
-
-
 def test_hard_parameter_sharing_network_with_one_aux_module_per_task():
     torch.manual_seed(0)
-    primary, x = SharedEncoderTwoHeads(), torch.randn(8, 3, 16, 16)
-    cls, seg = torch.randint(0, 10, (8,)), torch.randint(0, 4, (8, 16, 16))
-    net = auxwrap.attach(primary, [AuxModule(num_outputs=10), AuxModule(num_outputs=4, head="dense")], "grad",
+    primary, x = DictNet(), torch.randn(8, 3, 16, 16)  # a shared encoder, a 5-class head and a 3-class dense head
+    cls, seg = torch.randint(0, 5, (8,)), torch.randint(0, 3, (8, 16, 16))
+    net = auxwrap.attach(primary, [AuxModule(num_outputs=5), AuxModule(num_outputs=3, head="dense")], "grad",
                          example_inputs=(x,))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     ce = nn.functional.cross_entropy
     losses = []
     for _ in range(15):
         out = net(x)
-        task = ce(out.primary["cls"], cls) + ce(out.primary["seg"], seg)
+        task = ce(out.primary["logits"], cls) + ce(out.primary["mask"], seg)
         auxiliary = ce(out.aux[0], cls) + ce(out.aux[1], seg)  # each module supervised by its task's labels
         opt.zero_grad()
         (task + 0.5 * auxiliary).backward()
@@ -109,7 +94,7 @@ def test_hard_parameter_sharing_network_with_one_aux_module_per_task():
     deployed = auxwrap.prune(net)
     primary.eval()
     expected = primary(x)
-    assert set(deployed(x)) == {"cls", "seg"}
+    assert set(deployed(x)) == {"logits", "mask"}
     assert all(_relative_error(deployed(x)[k], expected[k]) <= 1e-5 for k in expected)
     table = {row.model: row for row in auxwrap.report(net).rows}
     assert table["deployed primary"].flops == table["original primary"].flops  # zero inference overhead
