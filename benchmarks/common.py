@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from auxwrap.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -36,6 +39,24 @@ QUICK_RESULTS = Path(tempfile.gettempdir()) / "auxwrap-benchmarks-quick"
 
 MET, MISSED, NOT_MEASURED = "met", "missed", "not measured"
 NO_GPU = "not measured: no GPU in this session"
+
+
+# ---------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A model by name (``"timm:resnet50"``, ``"torchvision:vgg16"``), the keyword arguments it is built with
+    and its input size."""
+
+    name: str
+    spec: str
+    size: int
+    kwargs: dict = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        """A new model, random weights (``pretrained=False``)."""
+        return build_model(self.spec, **self.kwargs)
 
 
 # ---------------------------------------------------------------------- command line

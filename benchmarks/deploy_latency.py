@@ -16,28 +16,19 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import common
 import torch
+from common import Backbone
 from torch import nn
 
 import auxwrap
 from auxwrap.deploy import cut_links
-from auxwrap.models import build_model
 
 COLUMNS = ("device", "backbone", "img_size", "batch", "model", "runtime", "median_ms", "q1_ms", "q3_ms", "repeats",
            "over_original", "compile_s", "max_rel_error")
-MODELS = ("original", "deployed", "fused-nas-K1")
-
-
-@dataclass(frozen=True)
-class Backbone:
-    name: str
-    spec: str
-    size: int
-    kwargs: dict = field(default_factory=dict)
 
 
 CPU = (Backbone("ResNet-50", "timm:resnet50", 224), Backbone("ViT-Small", "timm:vit_small_patch16_224", 224))
@@ -48,7 +39,7 @@ QUICK = (Backbone("ResNet-18", "timm:resnet18", 64),
 
 def models(backbone: Backbone, x: torch.Tensor, device: torch.device) -> dict[str, nn.Module]:
     """Original primary, its deployed copy (Aux-NAS, K=1, links cut, BN folded) and the fused network, eval."""
-    primary = build_model(backbone.spec, **backbone.kwargs).to(device).eval()
+    primary = backbone.build().to(device).eval()
     aux = copy.deepcopy(primary)
     net = auxwrap.attach(primary, aux, mode="nas", example_inputs=(x,))
     cut_links(net)  # exactly what prune() does once the search has driven the gates to 0
@@ -97,7 +88,8 @@ def _no_grad(module: Callable, x: torch.Tensor) -> Callable[[], object]:
     return call
 
 
-def measure(backbone: Backbone, args: object, device: torch.device) -> list[dict]:
+def measure(backbone: Backbone, args: object, device: torch.device) -> tuple[list[dict], dict[str, int]]:
+    """The CSV rows of one backbone, and the norm layers the original and the deployed primary run."""
     x = torch.randn(args.batch, 3, backbone.size, backbone.size, generator=torch.Generator().manual_seed(0)).to(device)
     mods = models(backbone, x, device)
     prepared = prepare(mods, x, args.backend, device)
@@ -115,8 +107,7 @@ def measure(backbone: Backbone, args: object, device: torch.device) -> list[dict
                      "compile_s": prepared.compile_s[model] if runtime == "compile" else "",
                      "max_rel_error": f"{prepared.errors[(model, runtime)]:.2e}"})
     norms = {name: auxwrap.count_norm_layers(m) for name, m in mods.items() if name != "fused-nas-K1"}
-    rows[0]["_norms"] = norms
-    return rows
+    return rows, norms
 
 
 def targets(rows: list[dict], device: torch.device) -> list[common.Target]:
@@ -154,8 +145,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     rows, norms = [], {}
     for backbone in backbones:
         t = time.perf_counter()
-        measured = measure(backbone, args, device)
-        norms[backbone.name] = measured[0].pop("_norms")
+        measured, norms[backbone.name] = measure(backbone, args, device)
         rows += measured
         print(f"{backbone.name}: {time.perf_counter() - t:.1f} s", flush=True)
     common.write_csv(folder / "deploy_latency.csv", COLUMNS, rows)

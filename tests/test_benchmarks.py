@@ -142,6 +142,20 @@ def test_the_reference_loads_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None
     assert next(anchor.vit().parameters()).device.type == "cpu"  # its ViT-Base, moved to anchor.dev
 
 
+def test_the_flops_target_reads_missed_when_a_deployed_row_costs_less_than_the_primary(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exactly N is the target: fewer FLOPs would mean the deployed model is not the primary either."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import flops
+
+    single = {"backbone": "b", "K": 1, "model": "single", "flops": 100, "params": 10}
+    deployed = [{**single, "model": model, "flops": f} for model, f in zip(flops.DEPLOYED, (100, 98, 100), strict=True)]
+    target = flops.targets([single, *deployed])[0]
+    assert (target.measured, target.status) == ("0.980", "missed")
+    exact = flops.targets([single, *[{**r, "flops": 100} for r in deployed]])[0]
+    assert (exact.measured, exact.status) == ("1.000", "met")
+
+
 def test_readme_results_section_is_up_to_date() -> None:
     """The README's results section is what ``python benchmarks/readme.py`` makes of benchmarks/results."""
     if not (RESULTS / "flops.json").is_file():
