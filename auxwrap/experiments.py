@@ -500,6 +500,18 @@ def _check(task: str | Task, method: str, config: Config) -> None:
         raise AuxwrapArgumentError(f"Config.mto={config.mto!r}: expected one of {mto.METHODS}")
 
 
+def _check_batch_fits(task: Task, method: str, config: Config) -> None:
+    """A batch must fit in what a method draws from: the training split, or for Aux-NAS its smaller half
+    (with drop_last, a half smaller than a batch would yield no batch at all)."""
+    nas = method.startswith("aux-nas")
+    samples = len(task.train) // 2 if nas else len(task.train)
+    if config.batch_size > samples:
+        where = (f"the smaller half ({samples}) of the {len(task.train)} training samples, which Aux-NAS splits "
+                 "between its gate and weight steps") if nas else f"the {samples} training samples"
+        raise AuxwrapArgumentError(f"batch_size={config.batch_size} is larger than {where}; lower batch_size "
+                                   "or raise Config.n_train.")
+
+
 def run(task: str | Task, method: str, seed: int = 0, config: Config | None = None) -> Result:
     """Train ``method`` on ``task`` (a name of :data:`TASKS` or a :func:`make_task` result, reused across
     runs), keep the best-on-val state, deploy the primary and score it on the test split."""
@@ -508,11 +520,9 @@ def run(task: str | Task, method: str, seed: int = 0, config: Config | None = No
     task = make_task(task, config) if isinstance(task, str) else task
     start = time.perf_counter()
     torch.manual_seed(seed)
+    _check_batch_fits(task, method, config)
     setup = _network(method, task, config)
     steps_per_epoch = len(task.train) // config.batch_size
-    if steps_per_epoch < 1:
-        raise AuxwrapArgumentError(f"batch_size={config.batch_size} is larger than the {len(task.train)} "
-                                   "training samples (Aux-NAS needs it to fit in half of them)")
     total = config.epochs * steps_per_epoch
     if method.startswith("aux-nas"):
         setup.search = Search(setup.net, total_steps=total, ramp=config.ramp)

@@ -99,6 +99,16 @@ def test_bad_arguments_are_clear_errors(kwargs, match):
         run(**kwargs)
 
 
+@pytest.mark.parametrize("method, match", [("single", r"larger than the 40 training samples"),
+                                           ("aux-nas", r"larger than the smaller half \(20\) of the 40")])
+def test_a_batch_larger_than_what_a_method_draws_from_is_refused_before_training(method, match):
+    """Aux-NAS draws each batch from one half: a batch of 32 from 40 samples would never come (it hung)."""
+    config = Config(width=4, blocks=1, epochs=1, batch_size=32 if method == "aux-nas" else 64, n_train=40,
+                    n_val=8, n_test=8, progress=False)
+    with pytest.raises(auxwrap.AuxwrapArgumentError, match=match):
+        run(make_task("digits", config), method, config=config)
+
+
 @pytest.mark.slow
 def test_accuracy_benchmark_quick_writes_results_at_single_task_cost(tmp_path):
     result = subprocess.run([sys.executable, "benchmarks/accuracy.py", "--quick", "--seeds", "2", "--jobs", "2",
