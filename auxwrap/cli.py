@@ -90,19 +90,17 @@ def _demo_table(results: list) -> str:  # list[experiments.Result]
     rows = [("method", "test accuracy", "deployed MFLOPs", "params", "FLOPs / Single", "training time")]
     rows += [(r.label, f"{100 * r.metrics['accuracy']:.2f} %", f"{r.flops / 1e6:.3f}", f"{r.params:,}",
               f"{r.flops / single.flops:.3f}", f"{r.seconds:.0f} s") for r in results]
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in
-                               enumerate(zip(row, widths, strict=True))) for row in rows)
+    return _format_table(rows, numbers=True)
 
 
-def _show_taps(spec: str, size: int, role: str = "model", **kwargs) -> int:  # noqa: ANN003
-    model = build_model(spec, **kwargs).eval()
+def _show_taps(spec: str, size: int) -> int:
+    model = build_model(spec).eval()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     traced = trace(model)
     with torch.no_grad():
         same = torch.equal(traced.graph_module(x), model(x))
-    print(f"{role} {spec}: traced {len(traced.graph.nodes)} nodes in {time.perf_counter() - start:.2f} s; "
+    print(f"model {spec}: traced {len(traced.graph.nodes)} nodes in {time.perf_counter() - start:.2f} s; "
           f"traced output equals eager output: {same}")
     layers = find_taps(traced, (x,), "layer")
     try:
@@ -130,5 +128,11 @@ def _tap_table(taps: list[Tap], stage_names: set[str]) -> str:
     rows = [("#", "fusion point", "kind", "layout", "shape", "stage end")]
     rows += [(str(i), t.name, t.kind, t.layout, "x".join(map(str, t.shape[1:])), "yes" if t.name in stage_names else "")
              for i, t in enumerate(taps)]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+    return _format_table(rows, indent="  ")
+
+
+def _format_table(rows: list[tuple[str, ...]], numbers: bool = False, indent: str = "") -> str:
+    """Rows as aligned text columns; with ``numbers``, every column after the first right-aligned."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    return "\n".join(indent + "  ".join(cell.rjust(w) if numbers and c else cell.ljust(w) for c, (cell, w) in
+                                        enumerate(zip(row, widths, strict=True))) for row in rows)

@@ -26,6 +26,7 @@ primary with its BatchNorms folded for the methods without a fused network).
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -90,6 +91,11 @@ class Block(nn.Module):
         return F.relu(self.shortcut(x) + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
+def _stage_widths(width: int) -> tuple[int, int, int]:
+    """Channels of the encoder's three stages: width, 2x, 4x (the heads are built to match)."""
+    return width, 2 * width, 4 * width
+
+
 class Encoder(nn.Module):
     """A conv-BN-ReLU stem and three stages of ``blocks`` residual blocks (width, 2x, 4x channels; the
     2nd and 3rd stage halve the resolution)."""
@@ -98,7 +104,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
-        widths = (width, 2 * width, 4 * width)
+        widths = _stage_widths(width)
         self.stages = nn.ModuleList(
             nn.Sequential(*(Block(widths[max(s - 1, 0)] if b == 0 else w, w, 2 if s and b == 0 else 1)
                             for b in range(blocks)))
@@ -287,20 +293,27 @@ def _sizes(config: Config, default: tuple[int, int, int]) -> tuple[int, int, int
 
 
 def _digits_task(config: Config) -> Task:
-    n_train, n_val, n_test = _sizes(config, (6000, 2000, 2000))
-    splits = [data.digit_pairs(split, n, aux="right") for split, n in zip(data.SPLITS, (n_train, n_val, n_test),
-                                                                         strict=True)]
+    sizes = (config.n_train, config.n_val, config.n_test)  # None: data.DEFAULT_PAIRS
+    splits = [data.digit_pairs(split, n, aux="right") for split, n in zip(data.SPLITS, sizes, strict=True)]
     width, blocks = config.width, config.blocks
+    last = _stage_widths(width)[-1]
     return Task("digits", *splits,
                 build=lambda aux=False: DigitNet(10, width, blocks),
-                head=lambda: ClassHead(4 * width, 10),
-                aux_module=lambda: AuxModule(10, head="classifier", hidden=4 * width),
+                head=lambda: ClassHead(last, 10),
+                aux_module=lambda: AuxModule(10, head="classifier", hidden=last),
                 primary_loss=F.cross_entropy, aux_loss=F.cross_entropy,
                 metrics=lambda p, y: {"accuracy": data.accuracy(p, y)}, metric="accuracy")
 
 
+@functools.lru_cache(maxsize=3)
+def _scene_tensors(split: str, n: int, size: int) -> tuple[Tensor, ...]:
+    """Rendered once per split and size: both scene tasks read the same scenes (only the order of the
+    targets differs), and ray casting them is most of a task's set-up time."""
+    return data.scenes(n, size, seed=0, split=split).tensors
+
+
 def _scene_split(split: str, n: int, size: int, seg_primary: bool) -> TensorDataset:
-    rgb, seg, _, normals = data.scenes(n, size, seed=0, split=split).tensors
+    rgb, seg, _, normals = _scene_tensors(split, n, size)
     return TensorDataset(rgb, seg, normals) if seg_primary else TensorDataset(rgb, normals, seg)
 
 
@@ -310,11 +323,11 @@ def _scenes_task(config: Config, seg_primary: bool) -> Task:
     n_seg, width, blocks = len(data.CLASSES), config.width, config.blocks
     outs = (n_seg, 3) if seg_primary else (3, n_seg)
     losses = (F.cross_entropy, normals_loss) if seg_primary else (normals_loss, F.cross_entropy)
-    enc_widths = (width, 2 * width, 4 * width)
+    widths = _stage_widths(width)
     return Task("scenes-seg" if seg_primary else "scenes-normals", *splits,
                 build=lambda aux=False: SceneNet(outs[aux], width, blocks),
-                head=lambda: DenseHead(enc_widths, outs[1], scale=2),
-                aux_module=lambda: AuxModule(outs[1], head="dense", hidden=4 * width),
+                head=lambda: DenseHead(widths, outs[1], scale=2),
+                aux_module=lambda: AuxModule(outs[1], head="dense", hidden=widths[-1]),
                 primary_loss=losses[0], aux_loss=losses[1],
                 metrics=_seg_metrics if seg_primary else _normal_metrics,
                 metric="mIoU" if seg_primary else "mean_err", lower_is_better=not seg_primary)
