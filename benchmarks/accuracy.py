@@ -1,11 +1,12 @@
-"""Accuracy of the deployed primary: Single, Aux-Head, Aux-G-Stage, Aux-G-Layer, Aux-NAS, Aux-NAS + MTO.
+"""Accuracy of the deployed primary: Single, Aux-Head, Aux-Module, Aux-G-Stage, Aux-G-Layer, Aux-NAS, Aux-NAS + MTO.
 
 Every method trains the same built-in model (random init) with the same optimiser and number of weight
 steps (see :mod:`auxwrap.experiments`), is pruned to the primary alone and scored on the test split;
 mean +- std over seeds, deployed FLOPs and parameters beside it. Writes accuracy.csv (one row per run),
-accuracy.md (the summary, machine, versions, command) and accuracy.png to ``--out``::
+accuracy.md (the summary, machine, versions, command) and accuracy.png to ``--out`` (default: benchmarks/results,
+or a temporary folder with ``--quick``)::
 
-    python benchmarks/accuracy.py                       # the full run (about 15 minutes on 2 CPU cores)
+    python benchmarks/accuracy.py                       # the full run (7-12 minutes on 2 CPU cores)
     python benchmarks/accuracy.py --quick --seeds 1     # a tiny run, seconds
     python benchmarks/accuracy.py --task scenes-seg --seeds 5 --jobs 4
 
@@ -29,12 +30,12 @@ from dataclasses import asdict, replace
 from functools import lru_cache
 from pathlib import Path
 
+import common
 import torch
 
 import auxwrap
 from auxwrap.experiments import FULL, METHODS, QUICK, TASKS, Config, make_task, method_label, run
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NOTES = "<!-- notes -->"
 
 #: per task: the metrics reported (the first one is the headline, plotted), and whether lower is better
@@ -169,15 +170,9 @@ def verdict(task: str, summary: dict) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as file:
-            cpu = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import timm
 
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; Python "
+    return (f"{common.cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; Python "
             f"{platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, auxwrap "
             f"{auxwrap.__version__}")
 
@@ -269,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models and data: checks that everything runs")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--mto", default="pcgrad-aux", help="the auxwrap.mto method of Aux-NAS + MTO")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"output folder (default {RESULTS})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: {common.RESULTS.relative_to(common.ROOT)} for full runs, "
+                             f"{common.QUICK_RESULTS} with --quick, so a quick run never overwrites the results)")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be at least 1")
@@ -278,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = {t: replace((QUICK if args.quick else FULL)[t], mto=args.mto) for t in tasks}
     labels = ", ".join(method_label(m, configs[tasks[0]]) for m in METHODS)
     print(f"{args.command}: {len(tasks)} task(s) x {len(METHODS)} methods ({labels}) x {args.seeds} seed(s)")
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out = common.out_dir(args)
     loads, start = [os.getloadavg()[0]], time.perf_counter()
     rows = run_grid(tasks, args.seeds, configs, args.jobs)
     wall = time.perf_counter() - start

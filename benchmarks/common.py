@@ -119,7 +119,8 @@ def command_line() -> str:
     return shlex.join(["python", str(shown), *sys.argv[1:]])
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -151,7 +152,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "command": command_line(),
         "commit": _git_commit(),
-        "machine": f"{_cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch threads {torch.get_num_threads()}",
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
