@@ -74,26 +74,16 @@ def unwrap(net: nn.Module, argument: str = "net") -> FusedNet:
     return inner
 
 
-@dataclass(frozen=True)
-class _Gate:
-    """One gate entry: where it sits in its fusion module's gate vector, and its connection."""
-
-    fusion: Fusion
-    index: int
-    connection: Connection
+def _gated_fusions(net: FusedNet) -> list[Fusion]:
+    """The fusion modules with learnable gates, in the order of their sites."""
+    return [fusion for _, fusion in net.fusion_sites() if fusion.gate is not None]
 
 
-def _gates(net: FusedNet) -> list[_Gate]:
-    """Every learnable gate entry of ``net``, in the order of its fusion sites."""
-    entries = []
-    for site, fusion in net.fusion_sites():
-        if fusion.gate is None:
-            continue
-        direction = TO_PRIMARY if site.dest_branch == PRIMARY else TO_AUX
-        for j, source in enumerate(site.sources):
-            entries.append(_Gate(fusion, j, Connection(site.source_branch, source.name, site.dest_branch,
-                                                       site.dest.name, direction)))
-    return entries
+def _gate_connections(net: FusedNet) -> list[Connection]:
+    """The connection of every learnable gate entry, in the order of :func:`_gated_fusions`' gate vectors."""
+    return [Connection(site.source_branch, source.name, site.dest_branch, site.dest.name,
+                       TO_PRIMARY if site.dest_branch == PRIMARY else TO_AUX)
+            for site, fusion in net.fusion_sites() if fusion.gate is not None for source in site.sources]
 
 
 def _to_primary_fusions(net: FusedNet) -> list[Fusion]:
@@ -243,8 +233,8 @@ class Search:
             process_group = net.process_group
         self.process_group = process_group
 
-        self._entries = _gates(self.net)
-        self._entry_fusions = list(dict.fromkeys(e.fusion for e in self._entries))  # in entry order
+        self._gated = _gated_fusions(self.net)
+        self._connections = _gate_connections(self.net)  # one per gate entry of self._gated, in order
         self._to_primary = _to_primary_fusions(self.net)
         self.n_to_primary = sum(f.gate.numel() for f in self._to_primary)
         self.gates = self.net.arch_parameters()
@@ -252,7 +242,7 @@ class Search:
         self.steps_done = 0
         self.max_gate_at_cut: float | None = None
         self.record = bool(record)
-        self.history = GateHistory([e.connection for e in self._entries],
+        self.history = GateHistory(self._connections,
                                    {b: [t.name for t in taps] for b, taps in self.net.taps.items()})
         with torch.no_grad():
             self._project()
@@ -400,11 +390,11 @@ class Search:
 
     def _record(self, lam: float) -> None:
         if self.record:
-            values = torch.cat([f.gate.detach().reshape(-1) for f in self._entry_fusions]).tolist()  # one sync
+            values = torch.cat([f.gate.detach().reshape(-1) for f in self._gated]).tolist()  # one sync
             self.history.append(self.steps_done, values, lam)
 
     def __repr__(self) -> str:
-        return (f"Search(step {self.steps_done}/{self.total_steps}, {len(self._entries)} gates "
+        return (f"Search(step {self.steps_done}/{self.total_steps}, {len(self._connections)} gates "
                 f"({self.n_to_primary} aux->primary), lr={self.lr:g}, l1={self.l1:g}, ramp={self.ramp}, "
                 f"cut at {self.cut_step})")
 
@@ -447,13 +437,18 @@ class _Split:
         self.n, self.seed, self.num_replicas, self.rank = n, seed, num_replicas, rank
         self.epoch: int | None = None
 
+    def per_rank(self, which: int) -> int:
+        """Samples each rank reads of half ``which`` (0: the first n // 2, 1: the rest): every rank the same
+        count, the remainder left out (DDP would hang otherwise)."""
+        part = self.n // 2 if which == 0 else self.n - self.n // 2
+        return part // self.num_replicas
+
     def half(self, which: int, epoch: int) -> list[int]:
         generator = torch.Generator()
         generator.manual_seed(self.seed + epoch)
         perm = torch.randperm(self.n, generator=generator).tolist()
         part = perm[:self.n // 2] if which == 0 else perm[self.n // 2:]
-        usable = len(part) - len(part) % self.num_replicas  # every rank the same count (DDP would hang otherwise)
-        return part[self.rank:usable:self.num_replicas]
+        return part[self.rank:self.per_rank(which) * self.num_replicas:self.num_replicas]
 
 
 class HalfSampler(Sampler[int]):
@@ -485,9 +480,7 @@ class HalfSampler(Sampler[int]):
         return iter(indices)
 
     def __len__(self) -> int:
-        split = self._split
-        part = split.n // 2 if self.which == 0 else split.n - split.n // 2
-        return (part - part % split.num_replicas) // split.num_replicas
+        return self._split.per_rank(self.which)
 
 
 def search_loaders(dataset: Dataset, batch_size: int, seed: int = 0, *, num_replicas: int | None = None,
