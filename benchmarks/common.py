@@ -212,9 +212,9 @@ def check(name: str, value: float | None, limit: float, *, op: str = "<=", digit
 
 
 def targets_markdown(targets: Sequence[Target]) -> str:
-    lines = ["| target | threshold | measured | status | note |", "|---|---|---:|---|---|"]
-    lines += [f"| {t.name} | {t.threshold} | {t.measured} | **{t.status}** | {t.note} |" for t in targets]
-    return "\n".join(lines)
+    """The targets as a table, the status in bold (each benchmark's report and the README's summary)."""
+    body = [(t.name, t.threshold, t.measured, f"**{t.status}**", t.note) for t in targets]
+    return markdown_table(("target", "threshold", "measured", "status", "note"), body, "llrll")
 
 
 # ---------------------------------------------------------------------- writers

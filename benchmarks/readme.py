@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from common import RESULTS, ROOT, markdown_table, read_csv
+from common import RESULTS, ROOT, Target, markdown_table, read_csv, targets_markdown
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 BENCHMARKS = ("flops", "train_step", "deploy_latency")
@@ -45,9 +45,7 @@ def run_line(meta: dict, folder: Path) -> str:
 
 
 def targets_section(metas: list[dict]) -> str:
-    body = [(t["name"], t["threshold"], t["measured"], f"**{t['status']}**", t["note"])
-            for meta in metas for t in meta["targets"]]
-    return markdown_table(("target", "threshold", "measured", "status", "note"), body, "llrll")
+    return targets_markdown([Target(**t) for meta in metas for t in meta["targets"]])
 
 
 def flops_section(meta: dict, rows: list[dict[str, str]]) -> str:
