@@ -6,6 +6,7 @@ build one graph per mode -> wrap in :class:`FusedNet`. Nothing of the user's mod
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -19,12 +20,27 @@ from .build import Site, fused_graph, sites
 from .errors import AuxwrapArgumentError, AuxwrapTapError
 from .examples import default_example_inputs
 from .fused import FusedNet
-from .fusion import Fusion, Point, token_grid
-from .plan import PRIMARY, TO_AUX, AuxwrapPairingError, Connection, aux_branch, check_mode, check_window, plan
+from .fusion import DEFAULT_GATE, Fusion, Point, check_gate, token_grid
+from .plan import (
+    DEFAULT_WINDOW_FORM,
+    PRIMARY,
+    TO_AUX,
+    AuxwrapPairingError,
+    Connection,
+    aux_branch,
+    check_mode,
+    check_window,
+    check_window_form,
+    plan,
+)
 from .taps import Tap, find_taps
 from .trace import Traced, trace
 
 TapSpec = str | Sequence[str]
+
+#: initial gates (aux_to_primary, primary_to_aux) in mode="nas": the authors' released config, the base of
+#: benchmarks/ablation.py, which no variant beat by more than its paired spread (results/ablation/ablation.md)
+DEFAULT_ALPHA_INIT = (0.001, 0.5)
 
 
 def attach(
@@ -34,8 +50,10 @@ def attach(
     *,
     taps: TapSpec | Mapping[str, TapSpec] = "layer",
     window: int = 3,
+    window_form: str = DEFAULT_WINDOW_FORM,
     example_inputs: Any = None,
-    alpha_init: float | tuple[float, float] = 0.5,
+    alpha_init: float | tuple[float, float] = DEFAULT_ALPHA_INIT,
+    gate: str = DEFAULT_GATE,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -49,10 +67,17 @@ def attach(
             (Aux-NAS: links both ways, each with a learnable gate in [0, 1]).
         taps: ``"layer"``, ``"stage"``, a list of module paths / node names, or a dict giving one of
             those per branch (keys ``"primary"``, ``"aux"`` for every auxiliary, ``"aux0"``, ``"aux1"``...).
-        window: each destination point reads this many points of the other branch (paper: 3).
+        window: each destination point reads up to this many points of the other branch (paper: 3).
+        window_form: which points, and how they are read (DESIGN §2, :mod:`auxwrap.plan`): ``"paper"``
+            (the strictly shallower ones, as layer outputs: after their fusion, norm and activation),
+            ``"code"`` (the authors' code: the same depth, read before its own fusion, which at a
+            conv -> norm -> activation unit is the raw conv output, and the shallower ones as layer
+            outputs) or ``"group"`` (as ``"code"``, within consecutive groups of ``window`` points).
         example_inputs: a batch the primary takes, to learn shapes; inferred for timm models.
         alpha_init: initial gate value in mode="nas": one value for both directions (paper: 0.5), or
-            ``(aux_to_primary, primary_to_aux)``, e.g. ``(0.001, 0.5)`` as the authors' released config.
+            ``(aux_to_primary, primary_to_aux)`` (the authors' released config: ``(0.001, 0.5)``).
+        gate: how a gate's value comes from its parameter in mode="nas": ``"sigmoid"`` (the authors') or
+            ``"clamp"`` (straight-through clamp to [0, 1]); see :mod:`auxwrap.fusion`.
         leaf_modules, autowrap_functions, concrete_args: passed to :func:`auxwrap.trace` for every branch.
 
     Returns:
@@ -60,7 +85,9 @@ def attach(
     """
     mode = check_mode(mode)
     window = check_window(window)
+    window_form = check_window_form(window_form)
     gate_init = None if mode == "grad" else _check_alpha(alpha_init)  # (to the primary, to an auxiliary)
+    gate = check_gate(gate)
     aux_models = _check_models(primary, aux)
     models = {PRIMARY: primary, **{aux_branch(k): m for k, m in enumerate(aux_models)}}
     _check_devices(models)
@@ -75,9 +102,9 @@ def attach(
                           if b not in readers} for training in (False, True)}
     points = _find_points(by_mode[False], inputs, specs)
     read_points = _reader_points(by_mode[False][PRIMARY], inputs, readers, specs)
-    connections = plan(points, mode, window)
+    connections = plan(points, mode, window, window_form)
     fusion_sites = sites(connections, points)
-    fusions = {site.name: _fusion(site, models, gate_init) for site in fusion_sites}
+    fusions = {site.name: _fusion(site, models, gate_init, gate) for site in fusion_sites}
     _check_fusions(fusion_sites, fusions)
 
     prefixes = {PRIMARY: "primary", **{aux_branch(k): f"aux.{k}" for k in range(len(aux_models))}}
@@ -96,8 +123,10 @@ def attach(
         module.to(device=device, dtype=dtype)
     reads = [Connection(PRIMARY, t.name, b, f"adaptor{i}", TO_AUX) for b, taps in read_points.items()
              for i, t in enumerate(taps)]
-    return FusedNet(primary, aux_models, fusions, graphs, mode, {**points, **read_points}, connections + reads,
-                    fusion_sites, inputs, trace_options)
+    net = FusedNet(primary, aux_models, fusions, graphs, mode, {**points, **read_points}, connections + reads,
+                   fusion_sites, inputs, trace_options)
+    net.window, net.window_form = window, window_form  # the window the connections were planned with
+    return net
 
 
 def _reader_points(primary: Traced, inputs: tuple, readers: dict[str, AuxModule],
@@ -182,10 +211,10 @@ def _find_points(branches: dict[str, Traced], inputs: tuple, specs: dict[str, Ta
 
 # ---------------------------------------------------------------------- fusion modules
 
-def _fusion(site: Site, models: dict[str, nn.Module], gate_init: tuple[float, float] | None) -> Fusion:
+def _fusion(site: Site, models: dict[str, nn.Module], gate_init: tuple[float, float] | None, gate: str) -> Fusion:
     sources = [_point(t, models[site.source_branch]) for t in site.sources]
     init = None if gate_init is None else gate_init[0] if site.dest_branch == PRIMARY else gate_init[1]
-    return Fusion(sources, _point(site.dest, models[site.dest_branch]), init)
+    return Fusion(sources, _point(site.dest, models[site.dest_branch]), init, gate)
 
 
 def _point(tap: Tap, model: nn.Module) -> Point:
@@ -240,6 +269,7 @@ def _nodes_of(points: dict[str, list[Tap]]) -> dict[str, list[str]]:
 def _retarget(fusion_sites: list[Site], points: dict[str, list[Tap]]) -> list[Site]:
     """The same sites, with taps (and so node names) of the other mode's graphs."""
     by_name = {b: {t.name: t for t in taps} for b, taps in points.items()}
-    return [Site(s.name, s.dest_branch, by_name[s.dest_branch][s.dest.name], s.source_branch,
-                 tuple(by_name[s.source_branch][t.name] for t in s.sources)) for s in fusion_sites]
+    return [dataclasses.replace(s, dest=by_name[s.dest_branch][s.dest.name],
+                                sources=tuple(by_name[s.source_branch][t.name] for t in s.sources))
+            for s in fusion_sites]
 

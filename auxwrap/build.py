@@ -3,8 +3,11 @@
 Each branch's nodes are copied in their own order, renamed with the branch's prefix. Reaching the
 point a fusion enters (a block's output, or a unit's conv output before its norm), the builder
 first copies the source branch up to the sources it reads, then calls the fusion module, and every
-later user of that point reads the fused value. Sources are read before their own fusion, so the
-recursion only ever looks back and the graph is acyclic by construction.
+later user of that point reads the fused value. Each source is read as its connection says
+(:mod:`auxwrap.plan`): ``"output"``, its layer output (the tap's own node, after its fusion, norm and
+activation); ``"before"``, its entry node's value before its own fusion. The plan only reads layer
+outputs of strictly shallower points, so the recursion only ever looks back and the graph is acyclic.
+A value another branch reads is cloned where a later in-place op of its own branch would overwrite it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch.fx as fx
 
 from .analysis import mutates_input
 from .errors import AuxwrapArgumentError
-from .plan import Connection
+from .plan import BEFORE, OUTPUT, Connection
 from .taps import Tap
 from .trace import MODULE_PATH, Traced
 
@@ -31,6 +34,16 @@ def entry_node(tap: Tap) -> str:
     return tap.unit.weight if tap.unit is not None else tap.node
 
 
+def read_node(tap: Tap, reads: str) -> str:
+    """The node another branch reads of ``tap``: its own node (its layer output: a unit's activation, a
+    block's output) for ``"output"``, its entry node for ``"before"`` (see :func:`entry_node`)."""
+    if reads == OUTPUT:
+        return tap.node
+    if reads == BEFORE:
+        return entry_node(tap)
+    raise ValueError(f"auxwrap internal error: unknown way of reading a source {reads!r}")
+
+
 @dataclass(frozen=True)
 class Site:
     """One fusion module: where it enters, and the points of one other branch it reads."""
@@ -40,18 +53,20 @@ class Site:
     dest: Tap
     source_branch: str
     sources: tuple[Tap, ...]
+    reads: tuple[str, ...]     # how each source is read: "output" or "before" (``plan.Connection.reads``)
 
 
 def sites(connections: list[Connection], taps: dict[str, list[Tap]]) -> list[Site]:
     """Group connections into fusion modules: one per (destination point, source branch)."""
     by_name = {branch: {t.name: t for t in branch_taps} for branch, branch_taps in taps.items()}
-    grouped: dict[tuple[str, str, str], list[Tap]] = defaultdict(list)
+    grouped: dict[tuple[str, str, str], list[tuple[Tap, str]]] = defaultdict(list)
     for c in connections:
-        grouped[(c.dest_branch, c.dest, c.source_branch)].append(by_name[c.source_branch][c.source])
+        grouped[(c.dest_branch, c.dest, c.source_branch)].append((by_name[c.source_branch][c.source], c.reads))
     result = []
-    for (dest_branch, dest, source_branch), sources in grouped.items():
+    for (dest_branch, dest, source_branch), read in grouped.items():
         name = f"{dest_branch}_{dest}_from_{source_branch}".replace(".", "_")
-        result.append(Site(name, dest_branch, by_name[dest_branch][dest], source_branch, tuple(sources)))
+        sources, reads = zip(*read, strict=True)
+        result.append(Site(name, dest_branch, by_name[dest_branch][dest], source_branch, sources, reads))
     return result
 
 
@@ -60,7 +75,7 @@ def fused_graph(branches: dict[str, Traced], prefixes: dict[str, str], fusion_si
     """The fused graph. ``branches`` (traced models) starts with the primary; ``prefixes`` gives every
     branch's module path in the fused network (``"primary"``, ``"aux.0"``...), in output order.
     ``readers`` are branches that are modules reading primary nodes directly (:class:`auxwrap.AuxModule`):
-    branch -> the primary node names they are called with, after the network's first input.
+    branch -> the primary node names they are called with (as layer outputs), after the network's first input.
     The graph returns ``(primary_out, (aux_outs...))``."""
     return _Builder(branches, prefixes, fusion_sites, readers or {}).build()
 
@@ -73,20 +88,23 @@ class _Builder:
         self.prefixes = prefixes
         self.graph = fx.Graph()
         self.env: dict[str, dict[fx.Node, object]] = {b: {} for b in branches}    # fused values
-        self.before: dict[str, dict[str, fx.Node]] = {b: {} for b in branches}    # values before fusion
+        self.before: dict[str, dict[str, fx.Node]] = {b: {} for b in branches}    # values before a fusion
+        self.kept: dict[str, dict[str, fx.Node]] = {b: {} for b in branches}      # clones safe from in-place ops
         self.body = {b: [n for n in t.graph.nodes if n.op not in ("placeholder", "output")]
                      for b, t in branches.items()}
         self.next_index = dict.fromkeys(branches, 0)
         self.position = {b: {n.name: i for i, n in enumerate(nodes)} for b, nodes in self.body.items()}
-        self.fusing: set[str] = set()  # branches whose fusion is being built (guards against cycles)
+        self.fusing: dict[str, int] = {}  # branch -> position of the node whose fusion is being built
         self.sites_at: dict[tuple[str, str], list[Site]] = defaultdict(list)
-        self.read: dict[str, set[str]] = defaultdict(set)  # entry nodes other branches read, per branch
+        # node names other branches read, per branch and per way of reading
+        self.read: dict[str, dict[str, set[str]]] = {b: {OUTPUT: set(), BEFORE: set()} for b in branches}
         for site in fusion_sites:
             self.sites_at[(site.dest_branch, entry_node(site.dest))].append(site)
-            self.read[site.source_branch].update(entry_node(s) for s in site.sources)
+            for source, reads in zip(site.sources, site.reads, strict=True):
+                self.read[site.source_branch][reads].add(read_node(source, reads))
         primary = next(iter(branches))
         for names in readers.values():
-            self.read[primary].update(names)
+            self.read[primary][OUTPUT].update(names)
 
     def build(self) -> fx.Graph:
         self._placeholders()
@@ -130,16 +148,27 @@ class _Builder:
             self.next_index[branch] += 1
             self.env[branch][node] = self._copy(branch, node)
             sites = self.sites_at.get((branch, node.name))
-            if sites:
+            if sites:  # later users read the fused value, a new tensor: the value before it stays intact
                 self.before[branch][node.name] = self.env[branch][node]
                 self.env[branch][node] = self._fuse(branch, node, sites)
-            elif node.name in self.read[branch] and any(
-                    mutates_input(self.branches[branch], user) for user in node.users):
-                # a later in-place op (ReLU(inplace=True)) would overwrite what the other branch reads
+            read = self.read[branch]
+            if (node.name in read[OUTPUT] or (node.name in read[BEFORE] and not sites)) and \
+                    self._overwritten_later(branch, node):
+                # a later in-place op (ReLU(inplace=True), +=) would overwrite what another branch reads
                 kept = self.graph.create_node("call_method", "clone", (self.env[branch][node],),
                                               name=f"{branch}_{node.name}_kept")
                 kept.meta = {MODULE_PATH: "", BRANCH: branch}
-                self.before[branch][node.name] = kept
+                self.kept[branch][node.name] = kept
+
+    def _overwritten_later(self, branch: str, node: fx.Node) -> bool:
+        """Whether an in-place op after ``node`` writes into its tensor: directly, or into the tensor an
+        in-place ``node`` itself wrote into (``relu_(bn)`` shares ``bn``'s tensor)."""
+        traced, position = self.branches[branch], self.position[branch]
+        aliases = [node]
+        while mutates_input(traced, aliases[-1]) and aliases[-1].args and isinstance(aliases[-1].args[0], fx.Node):
+            aliases.append(aliases[-1].args[0])
+        return any(position[user.name] > position[node.name] and _writes_into(traced, user, alias)
+                   for alias in aliases for user in alias.users if user.op != "output")
 
     def _copy(self, branch: str, node: fx.Node) -> fx.Node:
         target = node.target
@@ -154,36 +183,50 @@ class _Builder:
 
     def _fuse(self, branch: str, node: fx.Node, sites: list[Site]) -> fx.Node:
         value = self.env[branch][node]
-        self.fusing.add(branch)
+        self.fusing[branch] = self.position[branch][node.name]
         for site in sites:
-            sources = [self._source_value(site.source_branch, entry_node(s)) for s in site.sources]
+            sources = [self._source_value(site.source_branch, s, reads)
+                       for s, reads in zip(site.sources, site.reads, strict=True)]
             value = self.graph.create_node("call_module", f"{FUSIONS}.{site.name}", (value, *sources),
                                            name=f"fuse_{site.name}")
             value.meta = {BRANCH: "fusion", MODULE_PATH: f"{FUSIONS}.{site.name}"}
-        self.fusing.discard(branch)
+        del self.fusing[branch]
         return value
 
     def _call_reader(self, branch: str, names: list[str]) -> fx.Node:
-        """Call a module branch on the network's first input and the primary's values at ``names``
+        """Call a module branch on the network's first input and the primary's layer outputs at ``names``
         (as the primary computes them, fused or not: a reader never feeds back)."""
         primary = next(iter(self.branches))
         first_input = next(n for n in self.graph.nodes if n.op == "placeholder")
-        values = []
-        for name in names:
-            node = self.body[primary][self.position[primary][name]]
-            fused = (primary, name) in self.sites_at
-            values.append(self.env[primary][node] if fused else self.before[primary].get(name, self.env[primary][node]))
+        values = [self._value(primary, name, OUTPUT) for name in names]
         call = self.graph.create_node("call_module", self.prefixes[branch], (first_input, *values), name=branch)
         call.meta = {MODULE_PATH: "", BRANCH: branch}
         return call
 
-    def _source_value(self, branch: str, name: str) -> fx.Node:
-        """The source's value before its own fusion, copying its branch up to it first."""
+    def _source_value(self, branch: str, tap: Tap, reads: str) -> fx.Node:
+        """What a fusion reads of source ``tap``, copying its branch up to it first."""
+        name = read_node(tap, reads)
         index = self.position[branch][name]
-        if branch in self.fusing and index >= self.next_index[branch]:
-            raise RuntimeError(f"auxwrap internal error: fusion sources form a cycle at {branch}.{name}")
+        fusing = self.fusing.get(branch)
+        if fusing is not None and (index > fusing or (index == fusing and reads == OUTPUT)):
+            raise RuntimeError(f"auxwrap internal error: fusion sources form a cycle at {branch}.{name} ({reads})")
         self._advance(branch, index)
-        return self.before[branch].get(name) or self.env[branch][self.body[branch][index]]
+        return self._value(branch, name, reads)
+
+    def _value(self, branch: str, name: str, reads: str) -> fx.Node:
+        """Node ``name`` of ``branch`` (already copied) as read by another branch: before its fusion, or
+        its fused value; a clone where a later in-place op overwrites it."""
+        if reads == BEFORE and name in self.before[branch]:
+            return self.before[branch][name]
+        return self.kept[branch].get(name) or self.env[branch][self.body[branch][self.position[branch][name]]]
+
+
+def _writes_into(traced: Traced, user: fx.Node, value: fx.Node) -> bool:
+    """Whether in-place op ``user`` writes into ``value``: its first argument (``out += x`` writes into
+    ``out``, not ``x``); where it takes no positional argument, any of its keyword arguments."""
+    if not mutates_input(traced, user):
+        return False
+    return user.args[0] is value if user.args else value in user.kwargs.values()
 
 
 def _output(graph: fx.Graph) -> fx.Node:

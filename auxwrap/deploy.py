@@ -105,10 +105,9 @@ def prune(net: FusedNet, tol: float = 1e-4, probe: object = None, force: bool = 
 
 def cut_links(net: FusedNet) -> None:
     """Set every auxiliary -> primary gate to exactly zero."""
-    with torch.no_grad():
-        for _, fusion in net.fusion_sites(dest_branch=PRIMARY):
-            if fusion.gate is not None:
-                fusion.gate.zero_()
+    for _, fusion in net.fusion_sites(dest_branch=PRIMARY):
+        if fusion.gate is not None:
+            fusion.cut()
 
 
 def measure_cut(net: FusedNet, inputs: tuple) -> tuple[float, list[LinkContribution]]:
@@ -118,7 +117,7 @@ def measure_cut(net: FusedNet, inputs: tuple) -> tuple[float, list[LinkContribut
     hooks = [fusion.register_forward_hook(_recorder(site, fusion, contributions))
              for site, fusion in net.fusion_sites(dest_branch=PRIMARY)]
     gated = [f for _, f in net.fusion_sites(dest_branch=PRIMARY) if f.gate is not None]
-    saved = [f.gate.detach().clone() for f in gated]
+    saved = [f.live.clone() for f in gated]
     try:
         with eval_mode(net), torch.no_grad():
             before = net(*inputs).primary
@@ -129,9 +128,8 @@ def measure_cut(net: FusedNet, inputs: tuple) -> tuple[float, list[LinkContribut
     finally:
         for hook in hooks:
             hook.remove()
-        with torch.no_grad():
-            for fusion, gate in zip(gated, saved, strict=True):
-                fusion.gate.copy_(gate)
+        for fusion, live in zip(gated, saved, strict=True):
+            fusion.live.copy_(live)
     return _relative_change(before, after), contributions
 
 

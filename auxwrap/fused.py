@@ -148,8 +148,9 @@ class FusedNet(nn.Module):
         to_primary = sum(1 for c in self._links if c.dest_branch == PRIMARY)
         if self.deployed:
             return f"mode={self.mode!r}, deployed: the primary alone"
+        window = f", window={self.window} ({self.window_form})" if hasattr(self, "window_form") else ""
         return (f"mode={self.mode!r}, auxiliaries={n_aux}, connections={len(self._links)} "
-                f"({to_primary} into the primary)")
+                f"({to_primary} into the primary){window}")
 
 
 class _DeploySwitch(nn.Module):

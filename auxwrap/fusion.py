@@ -8,8 +8,20 @@ W_i is a 1x1 convolution (NCHW maps) or a linear layer (channels-last maps, toke
 zero-initialised and bias-free, so at step 0 the fused network computes exactly the original
 branches. Where the destination ends a conv -> norm -> activation unit, R~_i is the conv output and
 the backbone's own norm and activation follow the fusion (Eq. 13 as written); elsewhere they are
-identity. The gates alpha are kept in [0, 1] by clamping, not by a sigmoid: a proximal L1 step then
-reaches exact zeros, so cutting a converged auxiliary -> primary link changes nothing.
+identity.
+
+The gates (DESIGN.md §2): each ``alpha_j = map(theta_j) * ceiling * live_j`` with a learnable ``theta``:
+
+- ``gate="sigmoid"`` (the authors'): ``map = sigmoid``. Its gradient is positive everywhere, so no gate
+  is ever stuck, and with Adam (which normalises the step) a gate moves however small its gradient.
+- ``gate="clamp"``: ``map`` = clamp to [0, 1] in the forward pass with the identity as its gradient
+  (straight-through), ``theta`` projected back to [0, 1] after every step: a gate can sit at exactly 0
+  or 1 and still receive the task's gradient.
+
+``live`` (a buffer, 1 or 0 per source) is how a link is cut: at 0 the gate is exactly 0 whatever
+``theta`` is, so cutting a link whose gate was already small changes nothing. ``ceiling`` (a scalar
+buffer, 1 unless :class:`auxwrap.Search` lowers it with ``decay="linear"``) bounds every gate of the
+fusion.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from .analysis import NCHW, NHWC, TOKENS, VECTOR
+from .errors import AuxwrapArgumentError
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,21 @@ def _grid(n: int, example: tuple[int, int] | None) -> tuple[int, int]:
     return side, side
 
 
+GATES = ("sigmoid", "clamp")
+DEFAULT_GATE = "sigmoid"
+#: sigmoid gates start at most this close to 0 or 1: ``alpha_init=0`` gives the authors' 0.001, a gate Adam can
+#: still open within a few hundred steps (at 1e-6 it would take thousands)
+SIGMOID_MARGIN = 1e-3
+
+
+def check_gate(gate: object) -> str:
+    if gate not in GATES:
+        raise AuxwrapArgumentError(
+            f"gate={gate!r}: use 'sigmoid' (alpha = sigmoid(theta), the authors' form) or 'clamp' (alpha = theta "
+            "clamped to [0, 1] with a straight-through gradient).")
+    return gate
+
+
 class Fusion(nn.Module):
     """``dest + W . concat(alpha_j * resize(source_j))`` at one point, from one other branch.
 
@@ -102,9 +130,10 @@ class Fusion(nn.Module):
         sources: the source points, in the order their tensors are passed to ``forward``.
         dest: the destination point.
         gate_init: initial gate value of every source; ``None`` for fixed gates of 1 (Aux-G).
+        gate: how a gate value comes from its parameter: ``"sigmoid"`` or ``"clamp"`` (see the module doc).
     """
 
-    def __init__(self, sources: list[Point], dest: Point, gate_init: float | None):
+    def __init__(self, sources: list[Point], dest: Point, gate_init: float | None, gate: str = DEFAULT_GATE):
         super().__init__()
         self.sources = list(sources)
         self.dest = dest
@@ -114,13 +143,56 @@ class Fusion(nn.Module):
         else:
             self.weight = skip_init(nn.Linear, in_channels, dest.channels, bias=False)
         nn.init.zeros_(self.weight.weight)
-        self.gate = None if gate_init is None else nn.Parameter(torch.full((len(sources),), float(gate_init)))
+        self.gate_map = check_gate(gate)
+        self.gate = None
+        if gate_init is not None:
+            self.gate = nn.Parameter(torch.empty(len(sources)))
+            self.register_buffer("live", torch.ones(len(sources)))
+            self.register_buffer("ceiling", torch.ones(()))
+            with torch.no_grad():  # open and trainable even at 0 or 1 (set_gates(0.0) would cut instead)
+                self.gate.copy_(self._theta(torch.tensor(float(gate_init))).expand_as(self.gate))
+
+    # ------------------------------------------------------------------ gates
+
+    def gate_values(self) -> torch.Tensor:
+        """The gates alpha in [0, 1], differentiable w.r.t. :attr:`gate` (ones for fixed gates)."""
+        if self.gate is None:
+            return torch.ones(len(self.sources), device=self.weight.weight.device)
+        theta = self.gate
+        if self.gate_map == "sigmoid":
+            mapped = torch.sigmoid(theta)
+        else:  # straight-through clamp: the bounds in the forward pass, the identity in the backward pass
+            mapped = theta + (theta.clamp(0.0, 1.0) - theta).detach()
+        return mapped * self.ceiling * self.live
 
     def gates(self) -> torch.Tensor:
-        """The gate values in [0, 1] (ones for fixed gates)."""
-        if self.gate is None:
-            return torch.ones(len(self.sources))
-        return self.gate.detach().clamp(0.0, 1.0)
+        """The gate values now, detached."""
+        return self.gate_values().detach()
+
+    @torch.no_grad()
+    def set_gates(self, value: float | torch.Tensor) -> None:
+        """Set the gates to ``value`` in [0, 1] (one number, or one per source); a gate set to exactly 0 is
+        cut (see :meth:`cut`), any other value opens it again. The ceiling is left as it is."""
+        value = torch.as_tensor(value, dtype=self.gate.dtype, device=self.gate.device).expand_as(self.gate)
+        self.gate.copy_(self._theta(value))
+        self.live.copy_((value != 0).to(self.live.dtype))
+
+    def _theta(self, value: torch.Tensor) -> torch.Tensor:
+        """The parameter that gives gate ``value`` (sigmoid gates: as near 0 or 1 as a sigmoid gets)."""
+        if self.gate_map == "sigmoid":
+            return torch.logit(value.clamp(SIGMOID_MARGIN, 1.0 - SIGMOID_MARGIN))
+        return value.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def cut(self) -> None:
+        """Cut every link of this fusion: its gates become exactly 0 and receive no gradient."""
+        self.live.zero_()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Keep a clamp gate's parameter in [0, 1] (after an optimiser step); sigmoid gates need nothing."""
+        if self.gate is not None and self.gate_map == "clamp":
+            self.gate.clamp_(0.0, 1.0)
 
     def contribution(self, dest: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
         """``W . concat(alpha_j * resize(source_j))``: what this fusion adds to ``dest``."""
@@ -144,12 +216,12 @@ class Fusion(nn.Module):
         features = [resize(x, point, self.dest, dest) for x, point in zip(sources, self.sources, strict=True)]
         if self.gate is None:
             return features
-        gates = self.gate.clamp(0.0, 1.0)
+        gates = self.gate_values()
         return [gates[j] * f for j, f in enumerate(features)]
 
     def forward(self, dest: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
         return dest + self.contribution(dest, *sources)
 
     def extra_repr(self) -> str:
-        gates = "fixed 1" if self.gate is None else "learnable"
+        gates = "fixed 1" if self.gate is None else f"learnable ({self.gate_map})"
         return f"{len(self.sources)} sources -> {self.dest.layout} x{self.dest.channels}, gates {gates}"

@@ -1,10 +1,26 @@
-"""Step 3 — plan: which fusion point feeds which, in which direction.
+"""Step 3 — plan: which fusion point feeds which, in which direction, and how each source is read.
 
 Points of two branches are paired by relative depth: point ``i`` of a branch with ``n`` points sits
-at depth ``(i + 1) / n``. A destination point reads the ``window`` deepest points of the other branch
-that are no deeper than itself (for branches of equal depth: the same depth and the ``window - 1``
-before it). Each source is read as its branch computed it before its own fusion, so the fused graph
-stays acyclic. Connections only ever join the primary and one auxiliary (never two auxiliaries).
+at depth ``(i + 1) / n``. Which of the other branch's points a destination reads is its *window*,
+in one of three forms (DESIGN §2; :data:`DEFAULT_WINDOW_FORM` is the default):
+
+- ``"paper"`` (Eq. 11/12): the ``window`` deepest source points strictly shallower than the
+  destination (equal depths: ``i - window <= j <= i - 1``), each read as its branch's *layer
+  output* A_j — after its own fusion, norm and activation, what its branch's next layer reads. The
+  first point has no strictly shallower source and gets no fusion from that branch.
+- ``"code"`` (the authors' released code): the ``window`` deepest source points no deeper than the
+  destination (equal depths: ``i - window + 1 <= j <= i``). The one at the same depth is read
+  *before* its own fusion at its entry node (otherwise the two would read each other); the earlier
+  ones as layer outputs. At a conv -> norm -> activation unit what exists before the fusion is the
+  raw conv output (the fusion enters before the norm), so that is what the same-depth read gives.
+- ``"group"`` (the authors' ViT code, MTL-NAS): as ``"code"``, but never across a group boundary:
+  the source points are split into consecutive groups of ``window`` by index, and a destination reads
+  only the group of the deepest source point no deeper than itself (equal depths: 1, 2, 3, 1, 2, 3
+  sources for ``window=3``).
+
+Layer-output reads only ever look strictly shallower and before-fusion reads never wait on a
+fusion, so the fused graph is acyclic in every form. Connections only ever join the primary and one
+auxiliary (never two auxiliaries).
 """
 
 from __future__ import annotations
@@ -18,6 +34,12 @@ from .taps import Tap
 PRIMARY = "primary"
 TO_AUX, TO_PRIMARY = "primary->aux", "aux->primary"
 MODES = ("grad", "nas")
+WINDOW_FORMS = ("paper", "code", "group")
+#: the window form attach() uses unless told otherwise (to be set from the measured ablation)
+DEFAULT_WINDOW_FORM = "paper"
+#: how a source is read: its layer output (after its fusion, norm and activation), or its value at
+#: its entry node before its own fusion (a unit's conv output, a block's unfused output)
+OUTPUT, BEFORE = "output", "before"
 _SPATIAL = (NCHW, NHWC, TOKENS)
 
 
@@ -27,7 +49,7 @@ def aux_branch(k: int) -> str:
 
 @dataclass(frozen=True)
 class Connection:
-    """One link: the output of ``source`` (before its fusion) flows into the fusion at ``dest``."""
+    """One link: ``source`` (read as ``reads`` says) flows into the fusion at ``dest``."""
 
     source_branch: str
     source: str        # tap name in the source branch
@@ -35,6 +57,7 @@ class Connection:
     dest: str          # tap name in the destination branch
     direction: str     # "primary->aux" or "aux->primary"
     gate: float | None = None  # its gate value, filled in by ``FusedNet.connections()``
+    reads: str = OUTPUT  # "output": the source's layer output; "before": its entry value before its fusion
 
 
 class AuxwrapPairingError(AuxwrapTapError):
@@ -54,6 +77,15 @@ def check_window(window: object) -> int:
     return window
 
 
+def check_window_form(window_form: object) -> str:
+    if not isinstance(window_form, str) or window_form not in WINDOW_FORMS:
+        raise AuxwrapArgumentError(
+            f"unknown window_form {window_form!r}; use 'paper' (strictly earlier layer outputs), 'code' (the "
+            "same depth, read before its fusion, and the earlier ones) or 'group' (as 'code', within groups of "
+            "`window` points).")
+    return window_form
+
+
 def can_pair(source: Tap, dest: Tap) -> bool:
     """Maps, tokens and channels-last maps fuse with each other; vectors only with vectors."""
     if source.layout == VECTOR or dest.layout == VECTOR:
@@ -61,46 +93,82 @@ def can_pair(source: Tap, dest: Tap) -> bool:
     return source.layout in _SPATIAL and dest.layout in _SPATIAL
 
 
-def plan(taps: dict[str, list[Tap]], mode: str, window: int = 3) -> list[Connection]:
+def plan(taps: dict[str, list[Tap]], mode: str, window: int = 3,
+         window_form: str = DEFAULT_WINDOW_FORM) -> list[Connection]:
     """All connections between the primary and each auxiliary, in destination order.
 
     ``taps`` maps branch names (``"primary"``, ``"aux0"``, ``"aux1"``...) to their ordered points.
     """
     check_mode(mode)
     check_window(window)
+    check_window_form(window_form)
     connections = []
     for branch, aux_taps in taps.items():
         if branch == PRIMARY:
             continue
-        pair = _links(taps[PRIMARY], aux_taps, PRIMARY, branch, TO_AUX, window)
+        pair = _links(taps[PRIMARY], aux_taps, PRIMARY, branch, TO_AUX, window, window_form)
         if mode == "nas":
-            pair += _links(aux_taps, taps[PRIMARY], branch, PRIMARY, TO_PRIMARY, window)
+            pair += _links(aux_taps, taps[PRIMARY], branch, PRIMARY, TO_PRIMARY, window, window_form)
         if not pair:
-            raise AuxwrapPairingError(_unpairable_message(taps[PRIMARY], aux_taps, branch))
+            raise AuxwrapPairingError(_unpairable_message(taps[PRIMARY], aux_taps, branch, window_form))
         connections += pair
     return connections
 
 
-def sources_of(dest_index: int, n_dest: int, n_source: int, window: int) -> list[int]:
-    """Indices of the source points read by destination point ``dest_index`` (relative depth, window)."""
-    reachable = [j for j in range(n_source) if (j + 1) * n_dest <= (dest_index + 1) * n_source]
-    return reachable[-window:]
+def window_of(dest_index: int, n_dest: int, n_source: int, window: int,
+              window_form: str = DEFAULT_WINDOW_FORM) -> list[tuple[int, str]]:
+    """The source points destination point ``dest_index`` reads, shallowest first, each with how it is
+    read (:data:`OUTPUT` or :data:`BEFORE`): the window rule of every form, and its only definition."""
+    # relative depths compared exactly: source j is at (j + 1) / n_source, the destination at (i + 1) / n_dest
+    def depth(j: int) -> int:
+        return (j + 1) * n_dest
+
+    here = (dest_index + 1) * n_source
+    if window_form == "paper":
+        return [(j, OUTPUT) for j in range(n_source) if depth(j) < here][-window:]
+    reachable = [j for j in range(n_source) if depth(j) <= here][-window:]
+    if window_form == "group":
+        group = group_of(dest_index, n_dest, n_source, window)
+        reachable = [j for j in reachable if j // window == group]
+    elif window_form != "code":
+        check_window_form(window_form)
+    return [(j, BEFORE if depth(j) == here else OUTPUT) for j in reachable]
+
+
+def sources_of(dest_index: int, n_dest: int, n_source: int, window: int,
+               window_form: str = DEFAULT_WINDOW_FORM) -> list[int]:
+    """Indices of the source points read by destination point ``dest_index`` (see :func:`window_of`)."""
+    return [j for j, _ in window_of(dest_index, n_dest, n_source, window, window_form)]
+
+
+def group_of(dest_index: int, n_dest: int, n_source: int, window: int) -> int:
+    """The group of the source branch (``index // window``) that destination ``dest_index`` falls in by
+    relative depth: that of the deepest source point no deeper than it; -1 where there is none."""
+    deepest = (dest_index + 1) * n_source // n_dest - 1
+    return deepest // window if deepest >= 0 else -1
 
 
 def _links(sources: list[Tap], dests: list[Tap], source_branch: str, dest_branch: str, direction: str,
-           window: int) -> list[Connection]:
+           window: int, window_form: str) -> list[Connection]:
     links = []
     for i, dest in enumerate(dests):
-        for j in sources_of(i, len(dests), len(sources), window):
+        for j, reads in window_of(i, len(dests), len(sources), window, window_form):
             if can_pair(sources[j], dest):
-                links.append(Connection(source_branch, sources[j].name, dest_branch, dest.name, direction))
+                links.append(Connection(source_branch, sources[j].name, dest_branch, dest.name, direction,
+                                        reads=reads))
     return links
 
 
-def _unpairable_message(primary: list[Tap], aux: list[Tap], branch: str) -> str:
+def _unpairable_message(primary: list[Tap], aux: list[Tap], branch: str, window_form: str) -> str:
     def layouts(taps: list[Tap]) -> str:
         return ", ".join(sorted({t.layout for t in taps}))
 
+    if any(can_pair(p, a) for p in primary for a in aux):  # the layouts fit, the window reads none of them
+        why = ("'paper' reads only strictly shallower points, so a branch of one point feeds nothing"
+               if window_form == "paper" else "the points each one reads cannot be paired")
+        return (f"no connection between the primary ({len(primary)} points: {layouts(primary)}) and {branch} "
+                f"({len(aux)} points: {layouts(aux)}) with window_form={window_form!r}: {why}. Pass taps=... naming "
+                f"more points, or another window_form ({', '.join(WINDOW_FORMS)}).")
     return (f"the fusion points of the primary ({layouts(primary)}) and of {branch} ({layouts(aux)}) cannot be "
             f"paired: maps and tokens fuse with each other, vectors only with vectors. Pass taps=... naming "
             f"points with spatial outputs in both, e.g. taps={{'primary': [...], '{branch}': [...]}}.")

@@ -3,29 +3,30 @@
 The architecture weights alpha (the gates of :class:`auxwrap.fusion.Fusion`) are learnt with their
 own Adam optimiser, alternating with the user's weight steps on two disjoint halves of the data
 (first-order, as in the paper and the authors' code). An L1 penalty on the auxiliary -> primary gates
-alpha^P, ramped over training, drives them to zero; the primary -> auxiliary gates are not
-penalised. At the end of the ramp alpha^P are set to exactly 0 and held there, so that cutting
-those links (and then the auxiliary branch) is lossless by construction, and the remaining steps
-train the weights of the network that will be shipped.
+alpha^P, ramped over training, weans the primary off the auxiliary features; the primary -> auxiliary
+gates are not penalised. At the end of the ramp alpha^P are cut (exactly 0, and held there), so that
+removing those links (and then the auxiliary branch) is lossless, and the remaining steps train the
+weights of the network that will be shipped.
 
-The L1 term, its schedule and why::
+The L1 term, its schedule and why (DESIGN.md §2, requirements (1)-(3))::
 
-    R_t(alpha^P) = lambda_t * mean(alpha^P)
+    R_t(alpha^P) = lambda_t * sum(alpha^P)
     lambda_t     = 0 before ramp[0] of training, l1 after ramp[1], linear in between
 
-- The paper (Eq. 10, Appendix C) uses lambda * ||alpha^P||_1 with lambda raised 0 -> 100 over
-  training; the authors' released code puts 0 -> 1000 on the *mean* of the gates, ramped over
-  50-80 % of training. We follow the code: a mean does not grow with the number of connections, so
-  the same ``l1`` means the same thing for a 4-block and a 50-block network (defaults
-  ``l1=1000.0, ramp=(0.5, 0.8)``).
-- The L1 part is applied as a proximal (soft-threshold) step after each Adam step on the task loss:
-  ``alpha^P <- max(alpha^P - lr * lambda_t / n, 0)`` (n: the number of alpha^P gates), then every
-  gate is clamped to [0, 1]. Adam moves a gate by about ``lr`` per step at most, so once
-  ``lambda_t / n >= 1`` the shrink outruns any task pull and alpha^P reach, and stay at, exact
-  zeros (a sigmoid gate never does). With the default ``l1=1000`` that holds for up to 1000 gates.
-- The last fraction of training (after ``cut``, by default the ramp's end) runs with alpha^P held
-  at 0: the paper sets them to 0 by hand before evaluation (Appendix F); here the cut happens while
-  the weights can still adapt to it, and :attr:`Search.max_gate_at_cut` says how large they were.
+- The term is part of the gate loss and goes through the gates' Adam with the task loss (the
+  authors' form). Adam normalises each gate's step, so what matters is the L1 gradient of *one* gate,
+  ``lambda_t`` times the gate's slope, against the task's pull on that gate. On the sum, that does not
+  depend on the number of gates n (on a mean it would shrink as 1/n); and no gate moves by more than
+  about ``lr`` per step, so the decline is gradual: a step-like collapse as with a proximal shrink
+  ``lr * lambda_t / n`` cannot happen.
+- ``decay="linear"`` also bounds alpha^P by ``1 - progress`` along the ramp (the fusions' ``ceiling``),
+  so that they reach exactly 0 at the ramp's end for any number of steps, however hard the task pulls.
+  With ``decay="l1"`` alone they reach ~0 only if the ramp is long enough for Adam to get there
+  (~460 steps at lr 1e-2 for a sigmoid gate from 0.5 to 0.01); :attr:`Search.max_gate_at_cut` and a
+  warning say how large they were at the cut.
+- The cut (after ``cut``, by default the ramp's end) sets alpha^P to exactly 0 through the fusions'
+  ``live`` masks, whatever their parameters: the paper sets them to 0 by hand before evaluation
+  (Appendix F); here it happens while the weights can still adapt.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ __all__ = [
 
 #: a cut that removes gates larger than this is reported with a warning (the paper's are ~0.01 at most)
 CUT_WARN = 0.01
+#: how alpha^P are brought to 0: "l1" (the L1 ramp alone) or "linear" (also bounded by 1 - ramp progress)
+DECAYS = ("l1", "linear")
+DEFAULT_DECAY = "linear"
 
 
 # ---------------------------------------------------------------------- the gates, one entry per connection
@@ -82,8 +86,9 @@ def _gated_fusions(net: FusedNet) -> list[Fusion]:
 def _gate_connections(net: FusedNet) -> list[Connection]:
     """The connection of every learnable gate entry, in the order of :func:`_gated_fusions`' gate vectors."""
     return [Connection(site.source_branch, source.name, site.dest_branch, site.dest.name,
-                       TO_PRIMARY if site.dest_branch == PRIMARY else TO_AUX)
-            for site, fusion in net.fusion_sites() if fusion.gate is not None for source in site.sources]
+                       TO_PRIMARY if site.dest_branch == PRIMARY else TO_AUX, reads=reads)
+            for site, fusion in net.fusion_sites() if fusion.gate is not None
+            for source, reads in zip(site.sources, site.reads, strict=True)]
 
 
 def _to_primary_fusions(net: FusedNet) -> list[Fusion]:
@@ -134,8 +139,7 @@ class GateHistory:
     def final(self) -> list[Connection]:
         """The connections with their last recorded gate values."""
         last = self.values[-1] if self.values else [None] * len(self.connections)
-        return [Connection(c.source_branch, c.source, c.dest_branch, c.dest, c.direction, v)
-                for c, v in zip(self.connections, last, strict=True)]
+        return [dataclasses.replace(c, gate=v) for c, v in zip(self.connections, last, strict=True)]
 
 
 @dataclass
@@ -181,36 +185,41 @@ class Search:
     Alternating (first-order, the paper's scheme; two disjoint halves of the data, see
     :func:`search_loaders`)::
 
+        search_loader, train_loader = auxwrap.search_loaders(dataset, batch_size=32)
         search = auxwrap.Search(net, total_steps=epochs * len(train_loader))
         opt = torch.optim.SGD(net.weight_parameters(), lr=0.01)
-        for (xa, *ya), (xw, *yw) in zip(search_loader, train_loader):
-            search.step(task_loss(net(xa), *ya))          # the gates only
-            loss = task_loss(net(xw), *yw)
-            opt.zero_grad(); loss.backward(); opt.step()   # the weights only
+        for epoch in range(epochs):
+            train_loader.sampler.set_epoch(epoch)             # a new partition of the data, both halves
+            for (xa, *ya), (xw, *yw) in zip(search_loader, train_loader):
+                search.step(task_loss(net(xa), *ya))          # the gates only
+                loss = task_loss(net(xw), *yw)
+                opt.zero_grad(); loss.backward(); opt.step()   # the weights only
 
-    Joint (single-level): one optimiser holds weights and gates; :meth:`after_step` applies the L1
-    proximal step, the clamp, the schedule and the cut::
+    Joint (single-level): one optimiser holds weights and gates; add the L1 term to your loss and let
+    :meth:`after_step` apply the projection, the schedule and the cut::
 
         opt = torch.optim.Adam([{"params": net.weight_parameters()}, search.param_group()], lr=1e-3)
-        ...; loss.backward(); opt.step(); search.after_step()
+        ...; (loss + search.penalty()).backward(); opt.step(); search.after_step()
 
     Args:
         net: the fused network of ``auxwrap.attach(..., mode="nas")``, or a DistributedDataParallel
             wrapping it.
         total_steps: the number of gate steps the whole training makes; the schedule is laid out on it.
-        lr: learning rate of the gates' Adam (authors' code: 1e-2); also the step of the L1 prox.
-        l1: the final L1 weight on the mean of alpha^P (authors' code: 1000; paper: 100 on the sum).
+        lr: learning rate of the gates' Adam (authors' code: 1e-2).
+        l1: the final L1 weight on the sum of alpha^P (paper: 100 on the sum; authors' code: 1000 on the mean).
         ramp: the fractions of ``total_steps`` where the L1 weight leaves 0 and reaches ``l1``.
         cut: the fraction of ``total_steps`` after which alpha^P are set to exactly 0 and held there
             (default: ``ramp[1]``; 1.0 cuts at the very end).
+        decay: ``"linear"`` (alpha^P also bounded by 1 - ramp progress, so they reach 0 at the ramp's end)
+            or ``"l1"`` (the L1 ramp alone); see the module doc.
         betas: Adam's betas for the gates.
         record: keep every gate value after every step in :attr:`history` (for :func:`auxwrap.plot_gates`).
         process_group: where to average gate gradients in distributed training; default: the DDP
             wrapper's group, else the default group when ``torch.distributed`` is initialised.
     """
 
-    def __init__(self, net: nn.Module, total_steps: int, lr: float = 1e-2, *, l1: float = 1000.0,
-                 ramp: tuple[float, float] = (0.5, 0.8), cut: float | None = None,
+    def __init__(self, net: nn.Module, total_steps: int, lr: float = 1e-2, *, l1: float = 100.0,
+                 ramp: tuple[float, float] = (0.5, 0.8), cut: float | None = None, decay: str = DEFAULT_DECAY,
                  betas: tuple[float, float] = (0.9, 0.999), record: bool = True,
                  process_group: Any = None):
         self.net = unwrap(net)
@@ -224,7 +233,12 @@ class Search:
                 f"total_steps must be a positive int (the number of gate steps of the whole training, "
                 f"e.g. epochs * len(search_loader)), got {total_steps!r}.")
         self.lr = _positive("lr", lr, "the authors use 1e-2")
-        self.l1 = _non_negative("l1", l1, "the authors' code uses 1000 on the mean of the gates")
+        self.l1 = _non_negative("l1", l1, "the paper uses 100 on the sum of the gates")
+        if decay not in DECAYS:
+            raise AuxwrapArgumentError(
+                f"decay={decay!r}: use 'linear' (alpha^P bounded by 1 - ramp progress, exactly 0 at the ramp's end) "
+                "or 'l1' (the L1 ramp alone).")
+        self.decay = decay
         self.ramp = _ramp(ramp)
         self.cut_at = self.ramp[1] if cut is None else _fraction("cut", cut)
         self.total_steps = total_steps
@@ -244,8 +258,7 @@ class Search:
         self.record = bool(record)
         self.history = GateHistory(self._connections,
                                    {b: [t.name for t in taps] for b, taps in self.net.taps.items()})
-        with torch.no_grad():
-            self._project()
+        self._project()
         self._record(self.lam(0))
 
     # ---------------------------------------------------------------- schedule and penalty
@@ -266,13 +279,21 @@ class Search:
         return self.l1 * (t - start) / (end - start)
 
     def penalty(self) -> torch.Tensor:
-        """``lambda_t * mean(alpha^P)``: the L1 term of Eq. 10 at the next step, differentiable.
+        """``lambda_t * sum(alpha^P)``: the L1 term of Eq. 10 at the next step, differentiable.
 
-        For logging, or for the joint variant in the authors' form: add it to the loss and call
-        ``after_step(prox=False)`` (then your optimiser carries the L1 gradient).
+        :meth:`step` adds it to the gate loss; in the joint variant add it to your loss yourself.
         """
-        gates = torch.cat([f.gate.clamp(0.0, 1.0).reshape(-1) for f in self._to_primary])
-        return self.lam() * gates.mean()
+        return self.lam() * torch.cat([f.gate_values() for f in self._to_primary]).sum()
+
+    def ceiling(self, step: int | None = None) -> float:
+        """The bound on alpha^P at gate step ``step``: 1 - ramp progress with ``decay="linear"``, else 1."""
+        if self.decay != "linear":
+            return 1.0
+        t = self.steps_done if step is None else step
+        start, end = (r * self.total_steps for r in self.ramp)
+        if t <= start:
+            return 1.0
+        return 0.0 if t >= end else 1.0 - (t - start) / (end - start)
 
     def param_group(self) -> dict:
         """The gates as an optimiser parameter group (the search's lr, no weight decay) for the joint variant."""
@@ -281,7 +302,7 @@ class Search:
     # ---------------------------------------------------------------- steps
 
     def step(self, loss: torch.Tensor) -> None:
-        """One gate update from ``loss`` (the task losses of a search batch), then the L1 prox step.
+        """One gate update from ``loss`` (the task losses of a search batch) plus :meth:`penalty`.
 
         Gradients are taken with ``torch.autograd.grad`` w.r.t. the gates only: no weight gradient
         is computed, no ``.grad`` is written, no weight changes. In distributed training the gate
@@ -295,6 +316,8 @@ class Search:
             raise AuxwrapArgumentError(
                 "loss does not depend on the gates (no autograd graph): compute it from net(x) with "
                 "gradients enabled, outside torch.no_grad(), on the net passed to Search.")
+        if self.lam() > 0.0 and not self.is_cut:
+            loss = loss.reshape(()) + self.penalty()
         grads = torch.autograd.grad(loss.reshape(()), self.gates, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.gates, grads, strict=True)]
         self._all_reduce(grads)
@@ -305,20 +328,14 @@ class Search:
             p.grad = None
         self.after_step()
 
-    def after_step(self, prox: bool = True) -> None:
-        """The end of a gate step: L1 prox on alpha^P, clamp to [0, 1], record, advance the schedule.
+    def after_step(self) -> None:
+        """The end of a gate step: project the gates, advance the schedule (and cut at its end), record.
 
-        :meth:`step` calls it; call it yourself after ``opt.step()`` in the joint variant. With
-        ``prox=False`` the L1 is taken to be in your loss already (``loss + search.penalty()``).
+        :meth:`step` calls it; call it yourself after ``opt.step()`` in the joint variant.
         """
         lam = self.lam()
-        with torch.no_grad():
-            if prox and lam > 0.0:
-                tau = self.lr * lam / self.n_to_primary
-                for f in self._to_primary:
-                    f.gate.sub_(tau)
-            self._project()
         self.steps_done += 1
+        self._project()
         if not self.is_cut and self.steps_done >= self.cut_step:
             self.finish()
         self._record(lam)
@@ -331,8 +348,7 @@ class Search:
         """
         if self.is_cut:
             return self.max_gate_at_cut
-        with torch.no_grad():
-            largest = max(f.gate.clamp(0.0, 1.0).max().item() for f in self._to_primary)
+        largest = max(f.gates().max().item() for f in self._to_primary)
         cut_links(self.net)
         self.max_gate_at_cut = largest
         self.history.cut_step = self.steps_done
@@ -368,11 +384,12 @@ class Search:
     # ---------------------------------------------------------------- internals
 
     def _project(self) -> None:
-        """Clamp every gate to [0, 1] in place; hold alpha^P at 0 after the cut."""
-        for p in self.gates:
-            p.clamp_(0.0, 1.0)
-        if self.is_cut:
-            cut_links(self.net)
+        """Every gate's parameter back in range, and alpha^P's ceiling for the next step."""
+        for f in self._gated:
+            f.project()
+        ceiling = self.ceiling()
+        for f in self._to_primary:
+            f.ceiling.fill_(ceiling)
 
     def _all_reduce(self, grads: list[torch.Tensor]) -> None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -390,13 +407,13 @@ class Search:
 
     def _record(self, lam: float) -> None:
         if self.record:
-            values = torch.cat([f.gate.detach().reshape(-1) for f in self._gated]).tolist()  # one sync
+            values = torch.cat([f.gates() for f in self._gated]).tolist()  # one sync
             self.history.append(self.steps_done, values, lam)
 
     def __repr__(self) -> str:
         return (f"Search(step {self.steps_done}/{self.total_steps}, {len(self._connections)} gates "
                 f"({self.n_to_primary} aux->primary), lr={self.lr:g}, l1={self.l1:g}, ramp={self.ramp}, "
-                f"cut at {self.cut_step})")
+                f"decay={self.decay!r}, cut at {self.cut_step})")
 
 
 def _positive(name: str, value: object, hint: str) -> float:
@@ -435,7 +452,7 @@ class _Split:
 
     def __init__(self, n: int, seed: int, num_replicas: int, rank: int):
         self.n, self.seed, self.num_replicas, self.rank = n, seed, num_replicas, rank
-        self.epoch: int | None = None
+        self.epoch = 0
 
     def per_rank(self, which: int) -> int:
         """Samples each rank reads of half ``which`` (0: the first n // 2, 1: the rest): every rank the same
@@ -443,21 +460,29 @@ class _Split:
         part = self.n // 2 if which == 0 else self.n - self.n // 2
         return part // self.num_replicas
 
-    def half(self, which: int, epoch: int) -> list[int]:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + epoch)
-        perm = torch.randperm(self.n, generator=generator).tolist()
+    def half(self, which: int, epoch: int, shuffle: int) -> list[int]:
+        """Half ``which`` of the partition of ``epoch``, in the order of its pass number ``shuffle``."""
+        perm = torch.randperm(self.n, generator=_generator(self.seed, epoch)).tolist()
         part = perm[:self.n // 2] if which == 0 else perm[self.n // 2:]
+        order = torch.randperm(len(part), generator=_generator(self.seed, epoch, which, shuffle)).tolist()
+        part = [part[i] for i in order]
         return part[self.rank:self.per_rank(which) * self.num_replicas:self.num_replicas]
 
 
-class HalfSampler(Sampler[int]):
-    """One half (0: search, 1: train) of a fresh random split of the dataset each epoch.
+def _generator(*key: int) -> torch.Generator:
+    """A generator seeded from integers (``hash`` of a tuple of ints is the same in every process)."""
+    return torch.Generator().manual_seed(hash(key) & (2**63 - 1))
 
-    The two halves of one :func:`search_loaders` call share their state: the same epoch gives the
-    same permutation, so they are disjoint and together cover the dataset. Without ``set_epoch`` the
-    epoch advances by one each time the sampler is iterated; call ``set_epoch(epoch)`` (on either
-    sampler, DistributedSampler-style) for a split that depends on the epoch number alone.
+
+class HalfSampler(Sampler[int]):
+    """One half (0: search, 1: train) of a random partition of the dataset.
+
+    The two halves of one :func:`search_loaders` call share the partition, so they are disjoint and
+    together cover the dataset however the loaders are iterated (an extra ``iter()``, loaders of
+    different lengths, one restarted while the other is mid-pass). The partition changes only with
+    ``set_epoch(epoch)`` (on either sampler, DistributedSampler-style): call it before each epoch so
+    that over the epochs the weights train on every sample. Each pass over a half visits it in a
+    new order.
     """
 
     def __init__(self, split: _Split, which: int):
@@ -465,14 +490,12 @@ class HalfSampler(Sampler[int]):
         self._passes = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Fix the epoch of both halves (their permutation is ``seed + epoch``)."""
+        """Draw the partition of ``epoch`` for both halves (it is a function of ``seed + epoch`` alone)."""
         self._split.epoch = int(epoch)
 
     def indices(self, epoch: int | None = None) -> list[int]:
-        """This half's indices for ``epoch`` (default: the next pass's)."""
-        if epoch is None:
-            epoch = self._split.epoch if self._split.epoch is not None else self._passes
-        return self._split.half(self.which, epoch)
+        """This half's indices in the order of its next pass (of ``epoch``'s partition, default the current)."""
+        return self._split.half(self.which, self._split.epoch if epoch is None else epoch, self._passes)
 
     def __iter__(self) -> Iterator[int]:
         indices = self.indices()
@@ -492,8 +515,9 @@ def search_loaders(dataset: Dataset, batch_size: int, seed: int = 0, *, num_repl
     train half has the extra sample. Under ``torch.distributed`` (or with ``num_replicas`` / ``rank``)
     each rank reads its own share of both halves, all ranks the same number of samples.
 
-    For a deterministic split per epoch, call ``loader.sampler.set_epoch(epoch)`` on either loader
-    before each epoch; otherwise each pass over the loaders draws the next split.
+    Call ``loader.sampler.set_epoch(epoch)`` on either loader before each epoch: that draws a new
+    partition (both halves change together); without it the partition stays the same, so the halves
+    are disjoint whatever order the loaders are iterated in, but the weights only ever see their half.
 
     ``loader_kwargs`` go to both :class:`~torch.utils.data.DataLoader` (``num_workers``,
     ``drop_last``, ``collate_fn``...), except ``shuffle`` and ``sampler``, which the split replaces.

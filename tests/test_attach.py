@@ -8,8 +8,8 @@ import torchvision
 from torch import nn
 
 import auxwrap
-from auxwrap.build import BRANCH
-from auxwrap.plan import TO_AUX, TO_PRIMARY, sources_of
+from auxwrap.build import BRANCH, entry_node, read_node
+from auxwrap.plan import BEFORE, OUTPUT, TO_AUX, TO_PRIMARY, WINDOW_FORMS, sources_of
 
 from .zoo import ARCHS, PAIRS, DictNet, ResidualNet, make
 
@@ -120,9 +120,8 @@ def test_nas_mode_has_the_auxiliary_to_primary_path(name):
         for _, fusion in net.fusion_sites(dest_branch="primary"):
             fusion.weight.weight.normal_(0, 0.02)
     assert not torch.equal(net(x).primary, before)
-    with torch.no_grad():
-        for _, fusion in net.fusion_sites(dest_branch="primary"):
-            fusion.gate.zero_()  # gates at zero cut the path again, whatever the weights
+    for _, fusion in net.fusion_sites(dest_branch="primary"):
+        fusion.set_gates(0.0)  # gates at zero cut the path again, whatever the weights
     assert torch.equal(net(x).primary, before)
 
 
@@ -142,7 +141,7 @@ def test_nas_mode_links_both_ways_with_gates_at_alpha_init():
     net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,), alpha_init=0.25)
     links = net.connections()
     assert {c.direction for c in links} == {TO_AUX, TO_PRIMARY}
-    assert {c.gate for c in links} == {0.25}
+    assert {round(c.gate, 6) for c in links} == {0.25}
     assert sum(p.numel() for p in net.arch_parameters()) == len(links)
     arch = {id(p) for p in net.arch_parameters()}
     weights = {id(p) for p in net.weight_parameters()}
@@ -159,35 +158,63 @@ def test_alpha_init_per_direction_as_the_authors_config():
 
 
 def test_window_and_relative_depth_pairing():
-    assert sources_of(5, 8, 8, 3) == [3, 4, 5]             # same depth and the two before it
-    assert sources_of(0, 8, 8, 3) == [0]
-    assert sources_of(3, 16, 4, 3) == [0]                  # 16 points reading 4: depth 4/16 reads 1/4
-    assert sources_of(2, 16, 4, 3) == []                   # nothing of the other branch is that shallow yet
-    assert sources_of(3, 4, 16, 3) == [13, 14, 15]         # 4 points reading 16
+    assert sources_of(5, 8, 8, 3, "code") == [3, 4, 5]     # same depth and the two before it
+    assert sources_of(5, 8, 8, 3, "paper") == [2, 3, 4]    # the three strictly earlier
+    assert sources_of(5, 8, 8, 3, "group") == [3, 4, 5]    # the group of 3..5
+    assert sources_of(0, 8, 8, 3, "code") == [0]
+    assert sources_of(0, 8, 8, 3, "paper") == []
+    assert sources_of(3, 16, 4, 3, "code") == [0]          # 16 points reading 4: depth 4/16 reads 1/4
+    assert sources_of(3, 16, 4, 3, "paper") == []          # ... which is not strictly shallower
+    assert sources_of(2, 16, 4, 3, "code") == []           # nothing of the other branch is that shallow yet
+    assert sources_of(3, 4, 16, 3, "code") == [13, 14, 15]  # 4 points reading 16
+    assert sources_of(3, 4, 16, 3, "paper") == [12, 13, 14]
+    assert sources_of(3, 4, 16, 3, "group") == [15]
+
+
+@pytest.mark.parametrize("form", WINDOW_FORMS)
+def test_window_forms_on_a_network(form):
     primary, x = make("tv_resnet18")
     aux, _ = make("tv_resnet18")
-    net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,), window=2)
+    net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,), window=2, window_form=form)
+    assert net.window_form == form and net.window == 2
     names = [t.name for t in net.taps["primary"]]
+    lags = {c.dest: set() for c in net.connections()}
     for c in net.connections():
-        assert 0 <= names.index(c.dest) - names.index(c.source) < 2
+        i, j = names.index(c.dest), names.index(c.source)
+        lags[c.dest].add(i - j)
+        assert c.reads == (BEFORE if i == j and form != "paper" else OUTPUT)
+        if form == "group":
+            assert i // 2 == j // 2
+    expected = {"paper": {1, 2}, "code": {0, 1}, "group": {0, 1}}[form]
+    assert set().union(*lags.values()) == expected
+    _assert_primary_equals_original(net, primary, x)
 
 
-def test_graph_reads_every_source_before_its_own_fusion():
+@pytest.mark.parametrize("form", WINDOW_FORMS)
+def test_graph_reads_every_source_as_its_window_form_says(form):
     primary, x = make("timm_deit_tiny")
     aux, _ = make("tv_resnet18")
-    net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,))
+    net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,), window_form=form)
     graph = net.graph
     graph.lint()  # every node is defined before it is used: the graph is acyclic
     sites = {f"fusions.{site.name}": site for site, _ in net.fusion_sites()}
+    fused_at = {(s.dest_branch, entry_node(s.dest)): f"fuse_{s.name}" for s in sites.values()}
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target in sites]
     assert len(calls) == len(sites) > 0
+    reads = set()
     for node in calls:
         site = sites[node.target]
         _, *sources = node.args
-        for source, tap in zip(sources, site.sources, strict=True):
-            # the source branch's own value at that point, before its fusion: never a fusion output
-            assert source.meta[BRANCH] == site.source_branch
-            assert source.name == f"{site.source_branch}_{auxwrap.build.entry_node(tap)}"
+        for source, tap, how in zip(sources, site.sources, site.reads, strict=True):
+            reads.add(how)
+            if source.target == "clone":  # kept from a later in-place op
+                source = source.args[0]
+            name = read_node(tap, how)
+            if how == BEFORE:  # the source branch's own value at its entry, before its fusion
+                assert source.name == f"{site.source_branch}_{name}"
+            else:  # its layer output: the fused value where the fusion enters at that very node
+                assert source.name == fused_at.get((site.source_branch, name), f"{site.source_branch}_{name}")
+    assert reads == ({OUTPUT} if form == "paper" else {OUTPUT, BEFORE})
 
 
 @pytest.mark.parametrize("mode", ["grad", "nas"])
@@ -295,22 +322,25 @@ def test_other_batch_and_input_sizes_than_the_example():
 def test_generated_code_interleaves_the_branches_and_shows_the_fusion_calls():
     primary, x = make("tv_resnet18")
     aux, _ = make("tv_vgg11_bn")
-    net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,))
+    net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,), window_form="paper")
     code = net.code
-    assert "self.fusions.aux0_features_6_from_primary(aux0_features_4, primary_layer1_0_relu_1)" in code
-    assert "self.fusions.primary_layer1_0_from_aux0(primary_layer1_0_relu_1, aux0_features_0)" in code
+    # each fusion reads the other branch's layer outputs: a fused block output, a unit's activation
+    assert "self.fusions.aux0_features_6_from_primary(aux0_features_4, fuse_primary_layer1_0_from_aux0)" in code
+    assert "self.fusions.primary_layer1_0_from_aux0(primary_layer1_0_relu_1, aux0_features_2)" in code
     lines = [line.strip().split(" = ")[0] for line in code.splitlines() if " = " in line]
     branch_of = ["primary" if n.startswith("primary_") else "aux" if n.startswith("aux0_") else "fusion" for n in lines]
     switches = sum(1 for a, b in zip(branch_of, branch_of[1:], strict=False) if a != b)
     assert switches > 10  # interleaved, not one branch after the other
 
 
-def test_inplace_activations_do_not_overwrite_what_the_other_branch_reads():
-    # torchvision's VGG uses ReLU(inplace=True) right after the conv outputs the auxiliary reads
+@pytest.mark.parametrize("form", WINDOW_FORMS)
+def test_inplace_activations_do_not_overwrite_what_the_other_branch_reads(form):
+    # torchvision's VGG classifier: Linear -> ReLU(inplace=True), which overwrites the linear output that
+    # "code" and "group" read before fusion; "paper" reads the ReLU's output, which nothing overwrites
     primary, x = make("tv_vgg11_bn")
     aux, _ = make("tv_vgg11_bn")
-    net = auxwrap.attach(primary, aux, "grad", example_inputs=(x,))
-    assert "_kept = " in net.code or "clone" in net.code
+    net = auxwrap.attach(primary, aux, "grad", example_inputs=(x,), window_form=form)
+    assert ("primary_classifier_0_kept = " in net.code) == (form != "paper")
     _train_steps(net, x, steps=2)  # autograd would fail on a tensor changed in place after use
     _assert_primary_equals_original(net, primary, x)
 

@@ -150,8 +150,8 @@ def _nas_net(x=None):
 def test_prune_refuses_and_names_the_link_that_contributes():
     net, x = _nas_net()
     site, fusion = next((s, f) for s, f in net.fusion_sites(dest_branch="primary") if len(s.sources) == 2)
+    fusion.set_gates(1e-3)                            # a small gate...
     with torch.no_grad():
-        fusion.gate.fill_(1e-3)                       # a small gate...
         fusion.source_weight(1).normal_(0, 1e3)       # ...with large weights is not a small contribution
     gates = [c.gate for c in net.connections()]
     with pytest.raises(auxwrap.AuxwrapPruneError) as info:
@@ -260,7 +260,7 @@ def test_report_table():
     assert rows["fused training graph, forward"].norm_layers == 2 * original.norm_layers
     assert original.macs * 2 == original.flops
     assert "| deployed primary |" in str(table)
-    assert all(c.gate == 0.5 for c in net.connections())  # the report cut nothing
+    assert all(c.gate > 0.0 for c in net.connections())  # the report cut nothing
 
 
 def test_deployed_module_saves_loads_and_exports_with_another_batch_size():

@@ -10,6 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
 from torch.utils.data import TensorDataset
 
 import auxwrap
@@ -23,6 +26,7 @@ SIZE = 8  # 8x8 inputs keep every step in milliseconds
 
 
 def _fused(n_aux=1, **kwargs):
+    """ResidualNet(4) with ``n_aux`` ResidualNet(2) auxiliaries, mode="nas"."""
     primary = ResidualNet(4)
     aux = [ResidualNet(2) for _ in range(n_aux)]
     net = auxwrap.attach(primary, aux if n_aux > 1 else aux[0], mode="nas",
@@ -75,8 +79,10 @@ def trained():
     search = Search(net, total_steps=total)
     opt = torch.optim.SGD(net.weight_parameters(), lr=0.05, momentum=0.9)
     probe = data.tensors[0][:32]
-    losses, before_ramp = [], None
+    losses, before_ramp, epoch = [], None, 0
     while search.steps_done < total:
+        train_loader.sampler.set_epoch(epoch)
+        epoch += 1
         for (xa, *ya), (xw, *yw) in zip(search_loader, train_loader, strict=True):
             search.step(_task_loss(net(xa), *ya))
             loss = _task_loss(net(xw), *yw)
@@ -94,11 +100,11 @@ def trained():
 def test_recipe_cuts_every_aux_to_primary_gate_exactly(trained):
     net, search = trained["net"], trained["search"]
     gates = _to_primary(net)
-    assert len(gates) == 9
+    assert len(gates) == search.n_to_primary >= 6
     assert all(g == 0.0 for g in gates), gates
-    assert all(f.gate.eq(0).all() for _, f in net.fusion_sites(dest_branch="primary"))
+    assert all(f.live.eq(0).all() for _, f in net.fusion_sites(dest_branch="primary"))
     assert search.is_cut and search.max_gate_at_cut is not None
-    # the prox step, not the final zeroing, brought them down: nothing was left to cut
+    # the linear decay, not the final zeroing, brought them down: nothing was left to cut
     assert search.max_gate_at_cut == 0.0
 
 
@@ -127,9 +133,10 @@ def test_recipe_keeps_primary_to_aux_gates_and_trains_weights(trained):
     assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8, (losses[:8], losses[-8:])
     summary = search.summary()
     assert summary.steps == 60 and summary.cut and summary.max_to_primary == 0.0
-    assert "9 exactly 0" in str(summary)
+    n = search.n_to_primary
+    assert f"{n} exactly 0" in str(summary)
     history = search.history.tensor()
-    assert history.shape == (61, 18)  # the initial values and one row per step
+    assert history.shape == (61, n + len(to_aux))  # the initial values and one row per step
     assert search.history.cut_step == 48  # default cut: the ramp's end, 80 % of 60
 
 
@@ -141,9 +148,11 @@ def test_plot_gates_draws_and_saves(trained, tmp_path):
     assert isinstance(fig, Figure)
     assert path.exists() and path.stat().st_size > 10_000
     curves, links = fig.axes[0], fig.axes[1]
-    assert len(curves.lines) >= 18  # one line per connection
-    assert len(links.patches) == 18  # one link per connection
-    assert sum(p.get_linestyle() == ":" for p in links.patches) == 9  # the cut aux -> primary links, dotted
+    n = len(trained["search"].history.connections)
+    assert len(curves.lines) >= n  # one line per connection
+    assert len(links.patches) == n  # one link per connection
+    # the cut aux -> primary links, dotted
+    assert sum(p.get_linestyle() == ":" for p in links.patches) == trained["search"].n_to_primary
     # with a history cut half-way (before the ramp), every link is drawn in colour, none dotted
     h = trained["search"].history
     half = GateHistory(h.connections, h.points, h.steps[:20], h.values[:20], h.lam[:20])
@@ -175,13 +184,54 @@ def test_step_changes_only_the_gates():
     assert search.steps_done == 1
 
 
-def test_step_averages_nothing_and_clamps_without_process_group():
-    net, _ = _fused()
+def test_clamp_gates_are_projected_back_into_range_after_a_step():
+    net, _ = _fused(gate="clamp")
     search = Search(net, total_steps=10)
     with torch.no_grad():
         net.arch_parameters()[0].fill_(3.0)
+        net.arch_parameters()[1].fill_(-2.0)
     search.after_step()
     assert all(((g >= 0) & (g <= 1)).all() for g in net.arch_parameters())
+
+
+# ---------------------------------------------------------------------- gates keep a gradient everywhere
+
+@pytest.mark.parametrize("gate", ["sigmoid", "clamp"])
+@pytest.mark.parametrize("alpha_init", [0.0, 1.0])
+def test_a_gate_at_its_bound_still_receives_gradient_and_trains(gate, alpha_init):
+    """DESIGN §2 (1): a clamp in the forward pass gave gates at 0 or 1 a zero gradient for good."""
+    torch.manual_seed(0)
+    net, _ = _fused(gate=gate, alpha_init=alpha_init)
+    _randomise_fusion_weights(net)
+    x, y = torch.randn(8, 3, SIZE, SIZE), torch.randint(0, 4, (8,))
+    _task_loss(net(x), y, y // 2).backward()
+    grads = torch.cat([g.grad for g in net.arch_parameters()])
+    assert bool((grads != 0).all())
+    search = Search(net, total_steps=100, l1=0.0)
+    before = torch.cat([g.detach().clone() for g in net.arch_parameters()])
+    search.step(_task_loss(net(x), y, y // 2))
+    after = torch.cat([g.detach() for g in net.arch_parameters()])
+    inward = grads < 0 if alpha_init == 0.0 else grads > 0  # the task asks these to leave the bound
+    if gate == "sigmoid":
+        inward = torch.ones_like(inward)  # a sigmoid gate never sits on a bound: all move
+    assert bool(inward.any())
+    assert bool((after != before)[inward].all())
+
+
+def test_fusion_weights_train_from_closed_gates():
+    """alpha_init=0 with zero-initialised W was a saddle: neither gates nor W ever moved."""
+    torch.manual_seed(0)
+    net, _ = _fused(alpha_init=0.0)
+    search = Search(net, total_steps=100, l1=0.0)
+    opt = torch.optim.Adam(net.weight_parameters(), lr=1e-2)
+    x, y = torch.randn(8, 3, SIZE, SIZE), torch.randint(0, 4, (8,))
+    for _ in range(20):
+        search.step(_task_loss(net(x), y, y // 2))
+        opt.zero_grad()
+        _task_loss(net(x), y, y // 2).backward()
+        opt.step()
+    assert all(bool(f.weight.weight.any()) for _, f in net.fusion_sites())
+    assert all(g > 1e-6 for g in _to_primary(net))
 
 
 # ---------------------------------------------------------------------- schedule, prox, normalisation
@@ -191,38 +241,108 @@ def test_schedule_ramps_from_start_to_end():
     search = Search(net, total_steps=100)
     assert search.lam(0) == 0.0
     assert search.lam(49) == 0.0 and search.lam(50) == 0.0
-    assert search.lam(65) == pytest.approx(500.0)
-    assert search.lam(80) == 1000.0 and search.lam(99) == 1000.0
+    assert search.lam(65) == pytest.approx(50.0)
+    assert search.lam(80) == 100.0 and search.lam(99) == 100.0
     custom = Search(net, total_steps=10, l1=50.0, ramp=(0.0, 0.5))
     assert [custom.lam(t) for t in (0, 1, 5, 9)] == pytest.approx([0.0, 10.0, 50.0, 50.0])
     assert search.cut_step == 80 and Search(net, total_steps=10, cut=1.0).cut_step == 10
 
 
-def test_prox_step_shrinks_only_aux_to_primary_by_lr_lambda_over_n():
+def test_l1_moves_only_aux_to_primary_gates_by_about_lr_per_step():
     net, _ = _fused()  # fusion weights at zero: the task gradient of every gate is exactly 0
-    search = Search(net, total_steps=100, lr=0.01, l1=90.0, ramp=(0.0, 0.0), cut=1.0)
-    assert search.n_to_primary == 9
+    search = Search(net, total_steps=100, lr=0.01, l1=90.0, ramp=(0.0, 0.0), cut=1.0, decay="l1")
     x, y = torch.randn(4, 3, SIZE, SIZE), torch.tensor([0, 1, 2, 3])
+    thetas = [p.detach().clone() for p in net.arch_parameters()]
+    assert search.lam(0) == 90.0
     search.step(_task_loss(net(x), y, y // 2))
-    assert _to_primary(net) == pytest.approx([0.5 - 0.01 * 90.0 / 9] * 9)
-    assert _to_aux(net) == pytest.approx([0.5] * 9)
-    for _ in range(5):
-        search.step(_task_loss(net(x), y, y // 2))
-    assert all(g == 0.0 for g in _to_primary(net))  # exact zeros, not small values
+    for (site, fusion), theta in zip(net.fusion_sites(), thetas, strict=True):
+        moved = fusion.gate.detach() - theta
+        if site.dest_branch == "primary":  # Adam's first step with a gradient: lr, whatever lambda is
+            assert moved == pytest.approx(torch.full_like(moved, -0.01), rel=1e-3)
+        else:
+            assert bool((moved == 0).all())
+    assert all(0.0 < g < 0.5 for g in _to_primary(net))  # down, gradually, never a step to 0
+    assert _to_aux(net) == pytest.approx([0.5] * len(_to_aux(net)))
 
 
-def test_penalty_is_normalised_by_the_number_of_connections():
+def test_penalty_pulls_each_gate_alike_whatever_the_number_of_gates():
     one, _ = _fused(n_aux=1)
     two, _ = _fused(n_aux=2)
-    s1, s2 = (Search(n, total_steps=10, ramp=(0.0, 0.0)) for n in (one, two))
+    s1, s2 = (Search(n, total_steps=10, ramp=(0.0, 0.0), decay="l1") for n in (one, two))
     assert s2.n_to_primary == 2 * s1.n_to_primary
     for net in (one, two):
-        with torch.no_grad():
-            for _, f in net.fusion_sites(dest_branch="primary"):
-                f.gate.fill_(0.3)
-    assert s1.penalty().item() == pytest.approx(s2.penalty().item())
-    assert s1.penalty().item() == pytest.approx(1000.0 * 0.3)
-    assert s1.penalty().requires_grad
+        for _, f in net.fusion_sites(dest_branch="primary"):
+            f.set_gates(0.3)
+    assert s1.penalty().item() == pytest.approx(100.0 * 0.3 * s1.n_to_primary, rel=1e-5)
+    grads = []
+    for search, net in ((s1, one), (s2, two)):
+        search.penalty().backward()
+        grads.append(torch.cat([f.gate.grad for _, f in net.fusion_sites(dest_branch="primary")]))
+    assert grads[0] == pytest.approx(torch.full_like(grads[0], 100.0 * 0.3 * 0.7), rel=1e-4)  # lambda * slope
+    assert grads[1] == pytest.approx(torch.full_like(grads[1], 100.0 * 0.3 * 0.7), rel=1e-4)
+
+
+def _deep_pair(blocks: int):
+    """Two plain residual stacks of ``blocks`` blocks (4 channels), window 1: about ``blocks`` aux -> primary gates."""
+    from .zoo import ResidualBlock
+
+    def stack():
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), *(ResidualBlock(4) for _ in range(blocks)),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    torch.manual_seed(blocks)
+    net = auxwrap.attach(stack(), stack(), mode="nas", window=1, example_inputs=(torch.randn(2, 3, 4, 4),))
+    _randomise_fusion_weights(net, std=0.3)
+    return net
+
+
+def _trajectory(blocks: int, decay: str, total: int = 100, ramp=(0.2, 0.8)) -> tuple[int, list[float]]:
+    """Mean alpha^P after each gate step, on a task that pulls every gate up (targets from gates at 1)."""
+    net = _deep_pair(blocks)
+    x = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _, f in net.fusion_sites():
+            f.set_gates(1.0)
+        target = net(x).primary
+        for _, f in net.fusion_sites():
+            f.set_gates(0.5)
+    search = Search(net, total_steps=total, ramp=ramp, decay=decay)
+    means = []
+    for _ in range(total):
+        search.step(F.mse_loss(net(x).primary, target))
+        means.append(sum(_to_primary(net)) / search.n_to_primary)
+    return search.n_to_primary, means
+
+
+def _ramp_shape(blocks: int, decay: str, total: int = 50, ramp=(0.2, 0.8)) -> tuple[int, list[float]]:
+    """Check the decline of the mean alpha^P along the ramp; its values relative to the ramp's start."""
+    start, end = round(ramp[0] * total), round(ramp[1] * total)
+    n, means = _trajectory(blocks, decay, total, ramp)
+    assert n in (blocks - 1, blocks)
+    at = {q: means[start + int(q * (end - start)) - 1] for q in (0.0, 0.25, 0.5)}
+    assert at[0.0] >= 0.45, (n, at)                  # the task kept them up before the ramp
+    assert at[0.25] >= 0.4 * at[0.0], (n, at)        # no collapse early in the ramp
+    assert at[0.5] < at[0.25] < at[0.0], (n, at)     # a steady decline along it
+    if decay == "linear":
+        assert means[end - 1] == 0.0 and means[-1] == 0.0  # exactly 0 at the ramp's end, then cut
+    return n, [m / at[0.0] for m in means[start:]]
+
+
+@pytest.mark.parametrize("blocks", [25, pytest.param(151, marks=pytest.mark.slow)])
+def test_aux_to_primary_gates_decline_along_the_ramp_for_any_number_of_gates(blocks):
+    """DESIGN §2 (2), the default decay: alpha^P follow the ramp, the same for 4, 24 or 150 gates (a proximal
+    shrink lr * lambda / n had every gate at 0 at 6 % of the ramp for n = 4 and never for n = 600)."""
+    _, reference = _ramp_shape(5, "linear")
+    _, shape = _ramp_shape(blocks, "linear")
+    assert max(abs(a - b) for a, b in zip(reference, shape, strict=True)) < 0.15
+
+
+def test_l1_decay_alone_is_gradual_but_not_bounded_by_the_ramp():
+    """decay="l1" (the authors' form): no collapse, a gradual decline (Adam moves a gate ~lr per step), but
+    nothing makes alpha^P reach 0 by the ramp's end: the cut then warns with their size."""
+    with pytest.warns(UserWarning, match="as large as"):
+        for blocks in (5, 25):
+            _ramp_shape(blocks, "l1")
 
 
 def test_cut_zeroes_holds_and_reports_large_gates():
@@ -248,7 +368,7 @@ def test_joint_variant_in_one_optimiser():
     opt = torch.optim.Adam([{"params": net.weight_parameters()}, search.param_group()], lr=1e-3)
     x, y = torch.randn(8, 3, SIZE, SIZE), torch.randint(0, 4, (8,))
     for _ in range(6):
-        loss = _task_loss(net(x), y, y // 2)
+        loss = _task_loss(net(x), y, y // 2) + search.penalty()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -282,7 +402,7 @@ def test_bad_arguments_name_the_fix():
                           (dict(total_steps=10, lr=0), "lr"), (dict(total_steps=10, l1=-1), "l1"),
                           (dict(total_steps=10, ramp=(0.8, 0.5)), "start <= end"),
                           (dict(total_steps=10, ramp=(0.5, 1.5)), "ramp"),
-                          (dict(total_steps=10, cut=2), "cut")]:
+                          (dict(total_steps=10, cut=2), "cut"), (dict(total_steps=10, decay="cosine"), "linear")]:
         with pytest.raises(auxwrap.AuxwrapArgumentError, match=match):
             Search(net, **kwargs)
     with pytest.raises(auxwrap.AuxwrapArgumentError, match="FusedNet"):
@@ -300,19 +420,43 @@ def test_bad_arguments_name_the_fix():
 def test_split_halves_are_disjoint_cover_and_reshuffle():
     data = TensorDataset(torch.arange(11))
     search_loader, train_loader = search_loaders(data, batch_size=4, seed=0)
-    epochs = []
-    for _ in range(2):
-        a = torch.cat([b[0] for b in search_loader]).tolist()
-        b = torch.cat([b[0] for b in train_loader]).tolist()
-        assert not set(a) & set(b)
-        assert sorted(a + b) == list(range(11))
-        assert (len(a), len(b)) == (5, 6) == (len(search_loader.sampler), len(train_loader.sampler))
-        epochs.append(sorted(a))
-    assert epochs[0] != epochs[1]
-    search_loader.sampler.set_epoch(3)  # fixes the epoch of both halves
-    first = (list(search_loader.sampler), list(train_loader.sampler))
-    assert first == (list(search_loader.sampler), list(train_loader.sampler))
-    assert sorted(first[0] + first[1]) == list(range(11))
+    partitions, orders = [], []
+    for epoch in range(2):
+        train_loader.sampler.set_epoch(epoch)  # a new partition for both halves
+        for _ in range(2):
+            a = torch.cat([b[0] for b in search_loader]).tolist()
+            b = torch.cat([b[0] for b in train_loader]).tolist()
+            assert not set(a) & set(b)
+            assert sorted(a + b) == list(range(11))
+            assert (len(a), len(b)) == (5, 6) == (len(search_loader.sampler), len(train_loader.sampler))
+            orders.append(a)
+        partitions.append(sorted(a))
+    assert partitions[0] != partitions[1]
+    assert orders[0] != orders[1] and sorted(orders[0]) == sorted(orders[1])  # each pass reshuffles its half
+    search_loader.sampler.set_epoch(3)  # the same epoch, the same partition
+    first = (sorted(search_loader.sampler), sorted(train_loader.sampler))
+    assert first == (sorted(search_loader.sampler), sorted(train_loader.sampler))
+
+
+def test_split_halves_stay_disjoint_without_set_epoch_however_iterated():
+    """An extra iter() on one loader made 4 of 10 samples overlap when each sampler counted its own passes."""
+    data = TensorDataset(torch.arange(10))
+    search_loader, train_loader = search_loaders(data, batch_size=2, seed=0)
+    iter(search_loader)  # a peek, e.g. to look at one batch
+    a = list(search_loader.sampler)
+    b = list(train_loader.sampler)
+    assert not set(a) & set(b) and sorted(a + b) == list(range(10))
+
+
+@given(st.lists(st.sampled_from([0, 1]), min_size=1, max_size=12), st.integers(2, 40), st.integers(0, 5))
+@settings(max_examples=60, deadline=None)
+def test_split_halves_are_disjoint_for_any_order_of_passes(order, n, seed):
+    halves = [loader.sampler for loader in search_loaders(TensorDataset(torch.arange(n)), 1, seed=seed)]
+    latest: list[list[int]] = [list(halves[0]), list(halves[1])]
+    for which in order:
+        latest[which] = list(halves[which])
+        assert not set(latest[0]) & set(latest[1])
+        assert sorted(latest[0] + latest[1]) == list(range(n))
 
 
 def test_split_shards_ranks():
