@@ -13,10 +13,17 @@ function, :func:`run`, that trains one method on one task and evaluates the *dep
   (the README's recipe).
 - ``"aux-nas+mto"``: Aux-NAS whose weight step is ``auxwrap.mto.backward(..., method=Config.mto)``.
 
-Fairness: every method makes the same number of weight steps (``epochs * (n_train // batch_size)``)
-with the same optimiser, learning-rate schedule and batch size. Aux-NAS reads one batch from each half
-of :func:`auxwrap.search_loaders` per step (one for the gates, one for the weights), so it cycles the
-halves twice per epoch: its weights see as many samples as everyone else's; its gates take as many
+Two protocols (``Config.protocol``, DESIGN.md §8). ``"scratch"``: every model starts from random init.
+``"pretrained"`` (the paper's, Appendix C): the primary's model and the auxiliary model are first trained
+alone for ``pretrain_epochs`` each (the Single recipe; :func:`pretrain`, cached per process), every method of
+one seed starts from those same weights (parts without a single-task model, such as Aux-Head's head or the
+Aux-Module, start fresh) and trains ``epochs`` more; "single" is the pretrained primary trained ``epochs`` more
+alone, so every method's primary makes the same total number of weight steps.
+
+Fairness: every method makes the same number of weight steps (``epochs * (n_train // batch_size)``, after
+the same pretraining) with the same optimiser, learning-rate schedule and batch size. Aux-NAS reads one
+batch from each half of :func:`auxwrap.search_loaders` per step (one for the gates, one for the weights), so
+it cycles the halves twice per epoch: its weights see as many samples as everyone else's; its gates take as many
 steps again. The primary is evaluated on the validation split after every epoch and the best state is
 kept (for Aux-NAS only after the cut of the auxiliary -> primary gates, when the network *is* the
 deployed primary); the test split is scored once, on the deployed model (``auxwrap.prune(net)``, or the
@@ -29,8 +36,8 @@ import copy
 import functools
 import itertools
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,36 +46,47 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import data, mto
-from .attach import attach
+from .attach import DEFAULT_ALPHA_INIT, attach
 from .auxmodule import AuxModule
 from .deploy import fold_module, prune
 from .errors import AuxwrapArgumentError
 from .flops import count_flops, count_parameters
 from .fused import FusedNet
-from .search import Search, search_loaders
+from .fusion import DEFAULT_GATE
+from .plan import DEFAULT_WINDOW_FORM
+from .search import DEFAULT_DECAY, Search, search_loaders
 
 __all__ = [
     "FULL",
     "METHODS",
+    "PROTOCOLS",
     "QUICK",
     "TASKS",
     "Config",
     "DigitNet",
     "Result",
+    "SceneClassNet",
     "SceneNet",
     "Task",
     "TwoHeads",
+    "dominant_object",
     "evaluate",
     "make_task",
     "method_label",
+    "pretrain",
+    "pretrain_epochs",
+    "pretrained_parts",
     "run",
+    "shared_config",
 ]
 
-TASKS = ("digits", "scenes-seg", "scenes-normals")
+TASKS = ("digits", "scenes-seg", "scenes-normals", "scenes-few")
 METHODS = ("single", "aux-head", "aux-module", "aux-g-stage", "aux-g-layer", "aux-nas", "aux-nas+mto")
 #: the display names of the methods, as in the paper's tables
 LABELS = {"single": "Single", "aux-head": "Aux-Head", "aux-module": "Aux-Module", "aux-g-stage": "Aux-G-Stage",
           "aux-g-layer": "Aux-G-Layer", "aux-nas": "Aux-NAS", "aux-nas+mto": "Aux-NAS + {mto}"}
+#: ``Config.protocol``: every model from random init, or both single-task models pretrained first (the paper's)
+PROTOCOLS = ("scratch", "pretrained")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -181,6 +199,15 @@ class DigitNet(EncoderHead):
         super().__init__(encoder, ClassHead(encoder.widths[-1], num_classes))
 
 
+class SceneClassNet(EncoderHead):
+    """A small ResNet classifier for 3x32x32 scenes: stride-1 stem, 3 stages (32, 16, 8 pixels) of ``blocks``
+    basic blocks, global average pooling and a linear layer."""
+
+    def __init__(self, num_classes: int = 3, width: int = 16, blocks: int = 2, in_channels: int = 3):
+        encoder = Encoder(in_channels, width, blocks)
+        super().__init__(encoder, ClassHead(encoder.widths[-1], num_classes))
+
+
 class SceneNet(EncoderHead):
     """A small encoder-decoder (FCN) for 3x64x64 scenes with per-pixel outputs (segmentation logits or
     normals): stride-2 stem, 3 stages (32, 16, 8 pixels) of ``blocks`` basic blocks, a 2-block decoder."""
@@ -209,10 +236,16 @@ class TwoHeads(nn.Module):
 class Config:
     """The training budget and model size of one run; the same for every method.
 
-    ``n_train`` / ``n_val`` / ``n_test``: samples (None: 6000/2000/2000 digit pairs, 512/128/128 scenes).
-    ``mto``: the :func:`auxwrap.mto.backward` method of ``"aux-nas+mto"``. Aux-NAS options: ``taps`` (its
-    fusion points), ``alpha_init`` (the initial gates, both directions), ``ramp`` (the L1 schedule of
-    :class:`auxwrap.Search`; the cut is at its end).
+    ``n_train`` / ``n_val`` / ``n_test``: samples (None: 6000/2000/2000 digit pairs, 512/128/128 scenes,
+    160/400/800 for ``"scenes-few"``). ``protocol``: ``"scratch"`` or ``"pretrained"`` (see the module's
+    docstring); ``pretrain_epochs``: the epochs of each single-task pretraining (None: as many as ``epochs``).
+    ``mto``: the :func:`auxwrap.mto.backward` method of ``"aux-nas+mto"``.
+
+    Aux-NAS options, passed to :func:`auxwrap.attach` and :class:`auxwrap.Search`: ``taps`` (its fusion
+    points), ``alpha_init`` (the initial gates: one value, or ``(aux_to_primary, primary_to_aux)``), ``gate``
+    (the gate's form), ``window_form`` (which source points feed a fusion point; Aux-G-Stage/-Layer too),
+    ``search_lr`` (the gates' Adam lr), ``l1`` (the final penalty weight; None: Search's default), ``decay``
+    (the penalty's form), ``ramp`` (where the penalty's weight rises; the cut is at its end).
     """
 
     epochs: int = 10
@@ -227,11 +260,38 @@ class Config:
     n_train: int | None = None
     n_val: int | None = None
     n_test: int | None = None
+    protocol: str = "scratch"
+    pretrain_epochs: int | None = None
     mto: str = "pcgrad-aux"
     taps: str = "layer"
-    alpha_init: float = 0.5
+    alpha_init: float | tuple[float, float] = DEFAULT_ALPHA_INIT
+    window_form: str = DEFAULT_WINDOW_FORM
+    gate: str = DEFAULT_GATE
+    search_lr: float = 1e-2
+    l1: float | None = None
+    decay: str = DEFAULT_DECAY
     ramp: tuple[float, float] = (0.5, 0.8)
     progress: bool = True
+
+
+#: the Config fields that change only how a method trains once set up: the task's data, its models and their
+#: pretraining do not depend on them (see :func:`shared_config`)
+METHOD_FIELDS = ("epochs", "protocol", "aux_weight", "mto", "taps", "alpha_init", "window_form", "gate", "search_lr",
+                 "l1", "decay", "ramp", "progress")
+
+
+def pretrain_epochs(config: Config) -> int:
+    """The epochs of each single-task pretraining: ``config.pretrain_epochs``, or as many as ``config.epochs``."""
+    return config.epochs if config.pretrain_epochs is None else config.pretrain_epochs
+
+
+def shared_config(config: Config) -> Config:
+    """``config`` without what only a method uses (those fields at their defaults, ``pretrain_epochs`` made
+    explicit): what a task's data, its models and their pretraining depend on. Runs whose configs share it can
+    share a :class:`Task` and the pretrained weights of a seed."""
+    defaults = Config()
+    return replace(config, pretrain_epochs=pretrain_epochs(config),
+                   **{name: getattr(defaults, name) for name in METHOD_FIELDS})
 
 
 @dataclass
@@ -257,19 +317,31 @@ class Task:
         return b is None or (a < b if self.lower_is_better else a > b)
 
 
-#: the budgets of ``benchmarks/accuracy.py`` per task, sized for its 63 runs (7 methods x 3 tasks x 3 seeds) to
-#: take ~15 minutes on 2 shared CPU cores; ``python -m auxwrap demo`` trains the digits one. Scenes at 32x32: a
-#: 64x64 run costs ~4x as much per step (the models take either size).
+#: the budgets of ``benchmarks/accuracy.py`` per task; ``python -m auxwrap demo`` trains the "scenes-few" one. The
+#: protocol is "pretrained" (the paper's), the base of benchmarks/ablation.py, which "scratch" did not beat by more
+#: than its paired spread. Scenes at 32x32: a 64x64 run costs ~4x as much per step (the models take
+#: either size). "scenes-few": few labelled images, so that the dense auxiliary label has room to help; its 300
+#: steps (and 400 val scenes scored after each of its 30 epochs) make a run cost 2-3x one of the other tasks (one
+#: thread: Single 14 s, Aux-NAS 50-60 s, a pretraining 8 s).
 FULL = {
-    "digits": Config(width=8, epochs=10, batch_size=64, n_train=1000, n_val=1000, n_test=2000),
-    "scenes-seg": Config(width=8, epochs=10, batch_size=32, n_train=512, n_val=128, n_test=256, size=32),
-    "scenes-normals": Config(width=8, epochs=10, batch_size=32, n_train=512, n_val=128, n_test=256, size=32),
+    "digits": Config(width=8, epochs=10, batch_size=64, n_train=1000, n_val=1000, n_test=2000, protocol="pretrained"),
+    "scenes-seg": Config(width=8, epochs=10, batch_size=32, n_train=512, n_val=128, n_test=256, size=32,
+                         protocol="pretrained"),
+    "scenes-normals": Config(width=8, epochs=10, batch_size=32, n_train=512, n_val=128, n_test=256, size=32,
+                             protocol="pretrained"),
+    "scenes-few": Config(width=8, epochs=30, batch_size=16, n_train=160, n_val=400, n_test=800, size=32,
+                         protocol="pretrained"),
 }
-#: ``--quick``: a few steps per method, to check that everything runs (the models do not learn much)
+#: ``--quick``: a few steps per method, to check that everything runs (the models do not learn much; one epoch of
+#: pretraining where a run asks for protocol="pretrained")
 QUICK = {
-    "digits": Config(width=4, blocks=1, epochs=2, batch_size=32, n_train=128, n_val=64, n_test=64),
-    "scenes-seg": Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=32, n_val=16, n_test=16, size=32),
-    "scenes-normals": Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=32, n_val=16, n_test=16, size=32),
+    "digits": Config(width=4, blocks=1, epochs=2, batch_size=32, n_train=128, n_val=64, n_test=64, pretrain_epochs=1),
+    "scenes-seg": Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=32, n_val=16, n_test=16, size=32,
+                         pretrain_epochs=1),
+    "scenes-normals": Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=32, n_val=16, n_test=16, size=32,
+                             pretrain_epochs=1),
+    "scenes-few": Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=32, n_val=32, n_test=32, size=32,
+                         pretrain_epochs=1),
 }
 
 
@@ -305,10 +377,10 @@ def _digits_task(config: Config) -> Task:
                 metrics=lambda p, y: {"accuracy": data.accuracy(p, y)}, metric="accuracy")
 
 
-@functools.lru_cache(maxsize=3)
+@functools.lru_cache(maxsize=6)
 def _scene_tensors(split: str, n: int, size: int) -> tuple[Tensor, ...]:
-    """Rendered once per split and size: both scene tasks read the same scenes (only the order of the
-    targets differs), and ray casting them is most of a task's set-up time."""
+    """Rendered once per split, number and size: the scene tasks read the same scenes (only the targets
+    differ), and ray casting them is most of a task's set-up time."""
     return data.scenes(n, size, seed=0, split=split).tensors
 
 
@@ -333,14 +405,49 @@ def _scenes_task(config: Config, seg_primary: bool) -> Task:
                 metric="mIoU" if seg_primary else "mean_err", lower_is_better=not seg_primary)
 
 
+#: the object classes of "scenes-few", in label order
+OBJECTS = (data.SPHERE, data.BOX, data.CYLINDER)
+
+
+def dominant_object(segmentation: Tensor) -> Tensor:
+    """The label of "scenes-few" per scene of ``segmentation`` (N, H, W): which of :data:`OBJECTS` covers the
+    most pixels (0 sphere, 1 box, 2 cylinder; a tie goes to the first)."""
+    counts = torch.stack([(segmentation == c).sum((-2, -1)) for c in OBJECTS], -1)
+    return counts.argmax(-1)
+
+
+def _few_split(split: str, n: int, size: int) -> TensorDataset:
+    rgb, seg, _, normals = _scene_tensors(split, n, size)
+    return TensorDataset(rgb, dominant_object(seg), normals)
+
+
+def _scenes_few_task(config: Config) -> Task:
+    """Few labelled scenes (160 by default), each with one class label and a dense auxiliary label; the
+    primary (a classifier) and the auxiliary (an encoder-decoder) are different architectures."""
+    sizes = _sizes(config, (160, 400, 800))
+    splits = [_few_split(split, n, config.size) for split, n in zip(data.SPLITS, sizes, strict=True)]
+    width, blocks = config.width, config.blocks
+    widths = _stage_widths(width)
+    return Task("scenes-few", *splits,
+                build=lambda aux=False: SceneNet(3, width, blocks) if aux else SceneClassNet(len(OBJECTS), width,
+                                                                                              blocks),
+                head=lambda: DenseHead(widths, 3, scale=1),
+                aux_module=lambda: AuxModule(3, head="dense", hidden=widths[-1]),
+                primary_loss=F.cross_entropy, aux_loss=normals_loss,
+                metrics=lambda p, y: {"accuracy": data.accuracy(p, y)}, metric="accuracy")
+
+
 def make_task(name: str, config: Config | None = None) -> Task:
     """One of :data:`TASKS`: ``"digits"`` (left digit, aux: right digit), ``"scenes-seg"`` (segmentation,
-    aux: normals) or ``"scenes-normals"`` (normals, aux: segmentation)."""
+    aux: normals), ``"scenes-normals"`` (normals, aux: segmentation) or ``"scenes-few"`` (the dominant object
+    class of a scene, from few labelled scenes; aux: normals, from a different architecture)."""
     config = config or Config()
     if name == "digits":
         return _digits_task(config)
     if name in ("scenes-seg", "scenes-normals"):
         return _scenes_task(config, seg_primary=name == "scenes-seg")
+    if name == "scenes-few":
+        return _scenes_few_task(config)
     raise AuxwrapArgumentError(f"task={name!r}: expected one of {TASKS}")
 
 
@@ -348,7 +455,8 @@ def make_task(name: str, config: Config | None = None) -> Task:
 
 @dataclass
 class Result:
-    """One trained method: the deployed primary's test metrics and cost, and how it got there."""
+    """One trained method: the deployed primary's test metrics and cost, and how it got there (``seconds``:
+    this run's training and scoring, not the pretraining it shares with the other methods of its seed)."""
 
     task: str
     method: str
@@ -364,12 +472,15 @@ class Result:
     seconds: float
     deployed: nn.Module = field(repr=False)
     search: Search | None = field(default=None, repr=False)
+    protocol: str = "scratch"
+    pretrain_steps: int = 0            # of each pretrained model, before weight_steps ("pretrained")
 
     def row(self) -> dict[str, Any]:
         """A flat, picklable record (for CSV files and worker processes)."""
         return {"task": self.task, "method": self.method, "label": self.label, "seed": self.seed, **self.metrics,
                 "val": self.val, "best_epoch": self.best_epoch, "flops": self.flops, "params": self.params,
-                "weight_steps": self.weight_steps, "gate_steps": self.gate_steps, "seconds": round(self.seconds, 1)}
+                "protocol": self.protocol, "pretrain_steps": self.pretrain_steps, "weight_steps": self.weight_steps,
+                "gate_steps": self.gate_steps, "seconds": round(self.seconds, 1)}
 
 
 def method_label(method: str, config: Config | None = None) -> str:
@@ -397,10 +508,13 @@ def _outputs_of(method: str) -> Callable[[Any], tuple[Tensor, Tensor | None]]:
     return lambda out: (out.primary, out.aux[0])
 
 
-def _network(method: str, task: Task, config: Config) -> _Setup:
+def _network(method: str, task: Task, config: Config, states: Mapping[str, Mapping] | None = None) -> _Setup:
     """The primary's model (built first, so a seed gives every method the same primary init) and the
-    training network of ``method`` around it."""
+    training network of ``method`` around it; ``states``: the pretrained weights of the primary's model
+    (``"primary"``) and of the auxiliary model (``"aux"``), loaded into them ("pretrained" protocol)."""
     primary = task.build(False)
+    if states is not None:
+        primary.load_state_dict(states["primary"])
     if method == "single":
         return _Setup(primary, primary, _outputs_of(method))
     if method == "aux-head":
@@ -408,13 +522,29 @@ def _network(method: str, task: Task, config: Config) -> _Setup:
     example = (task.train[0][0][None].repeat(2, 1, 1, 1),)
     if method == "aux-module":
         aux, mode, taps = task.aux_module(), "grad", "stage"
-    elif method.startswith("aux-g-"):
-        aux, mode, taps = task.build(True), "grad", method.removeprefix("aux-g-")
     else:
-        aux, mode, taps = task.build(True), "nas", config.taps
-    options = {} if mode == "grad" else {"alpha_init": config.alpha_init}
-    net = attach(primary, aux, mode=mode, taps=taps, example_inputs=example, **options)
+        aux = task.build(True)
+        if states is not None:
+            aux.load_state_dict(states["aux"])
+        mode, taps = ("grad", method.removeprefix("aux-g-")) if method.startswith("aux-g-") else ("nas", config.taps)
+    net = attach(primary, aux, mode=mode, taps=taps, example_inputs=example, **_attach_options(method, config))
     return _Setup(net, primary, _outputs_of(method))
+
+
+def _attach_options(method: str, config: Config) -> dict[str, Any]:
+    """The Config's options for ``attach``: the window form for Aux-G and Aux-NAS (not the Aux-Module: its
+    adaptors read the primary's stages as Liu et al. built them), the gates' form and init for Aux-NAS."""
+    options: dict[str, Any] = {}
+    if method.startswith(("aux-g-", "aux-nas")):
+        options["window_form"] = config.window_form
+    if method.startswith("aux-nas"):
+        options |= {"alpha_init": config.alpha_init, "gate": config.gate}
+    return options
+
+
+def _search(net: nn.Module, total: int, config: Config) -> Search:
+    l1 = {} if config.l1 is None else {"l1": config.l1}  # None: Search's default
+    return Search(net, total_steps=total, lr=config.search_lr, ramp=config.ramp, decay=config.decay, **l1)
 
 
 def _weight_parameters(net: nn.Module) -> list[nn.Parameter]:
@@ -430,11 +560,23 @@ def _batches(method: str, task: Task, config: Config, seed: int) -> Iterator[tup
             search_loader.sampler.set_epoch(epoch)
             # the train half has one sample more for an odd size: with drop_last both may differ by a batch
             yield from zip(search_loader, train_loader, strict=False)
+    for batch in _shuffled(task.train, config.batch_size, seed):
+        yield None, batch
+
+
+def _shuffled(dataset: Dataset, batch_size: int, seed: int) -> Iterator[tuple]:
+    """Endless shuffled batches of ``dataset`` (the last incomplete one of each pass dropped), the order
+    drawn from a generator seeded by ``seed``."""
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(task.train, config.batch_size, shuffle=True, drop_last=True, generator=generator)
+    loader = DataLoader(dataset, batch_size, shuffle=True, drop_last=True, generator=generator)
     while True:
-        for batch in loader:
-            yield None, batch
+        yield from loader
+
+
+def _sgd(parameters: list[nn.Parameter], config: Config, total: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimiser of every weight step (SGD, momentum, weight decay) and its cosine schedule over ``total``."""
+    opt = torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
 
 
 def _losses(task: Task, setup: _Setup, batch: tuple, aux_weight: float) -> tuple[Tensor, Tensor | None]:
@@ -465,7 +607,7 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     """A tqdm bar over the weight steps (removed when done), or a silent stand-in."""
     try:
         from tqdm.auto import tqdm
@@ -511,6 +653,12 @@ def _check(task: str | Task, method: str, config: Config) -> None:
             raise AuxwrapArgumentError(f"Config.{name}={value!r}: expected an int >= 1")
     if config.mto not in mto.METHODS:
         raise AuxwrapArgumentError(f"Config.mto={config.mto!r}: expected one of {mto.METHODS}")
+    if config.protocol not in PROTOCOLS:
+        raise AuxwrapArgumentError(f"Config.protocol={config.protocol!r}: expected one of {PROTOCOLS}")
+    epochs = config.pretrain_epochs
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise AuxwrapArgumentError(f"Config.pretrain_epochs={epochs!r}: expected None (as many as epochs) or an "
+                                   "int >= 1")
 
 
 def _check_batch_fits(task: Task, method: str, config: Config) -> None:
@@ -525,27 +673,105 @@ def _check_batch_fits(task: Task, method: str, config: Config) -> None:
                                    "or raise Config.n_train.")
 
 
-def run(task: str | Task, method: str, seed: int = 0, config: Config | None = None) -> Result:
+# ---------------------------------------------------------------------------------------------- pretraining
+
+#: pretrained state_dicts of this process, per (task name, shared_config, seed, part): see :func:`pretrain`
+_PRETRAINED: dict[tuple, dict[str, Tensor]] = {}
+PARTS = ("primary", "aux")
+
+
+def pretrain(task: Task, config: Config, seed: int = 0, part: str = "primary") -> dict[str, Tensor]:
+    """The state_dict of the primary's model (``part="primary"``) or of the auxiliary model (``"aux"``, on the
+    auxiliary loss) after ``pretrain_epochs`` epochs of training alone: the Single recipe (the same SGD,
+    momentum and weight decay, a cosine schedule over the pretraining steps, shuffled batches from a generator
+    seeded by ``seed``), from the initial weights that :func:`run` gives every method of ``seed``.
+
+    Cached in this process per (task name, :func:`shared_config`, seed, part), so the methods of one seed, and
+    configs that differ only in what a method does, pretrain once. Do not modify the returned tensors."""
+    if part not in PARTS:
+        raise AuxwrapArgumentError(f"part={part!r}: expected one of {PARTS}")
+    key = (task.name, shared_config(config), seed, part)
+    if key not in _PRETRAINED:
+        _PRETRAINED[key] = _pretrain(task, config, seed, part)
+    return _PRETRAINED[key]
+
+
+def _pretrain(task: Task, config: Config, seed: int, part: str) -> dict[str, Tensor]:
+    torch.manual_seed(seed)
+    model = task.build(False)  # the primary first, as in _network: the aux model then gets the init it gets there
+    if part == "aux":
+        model = task.build(True)
+    loss, target = (task.primary_loss, 1) if part == "primary" else (task.aux_loss, 2)
+    total = _pretrain_steps(task, config)
+    opt, schedule = _sgd(list(model.parameters()), config, total)
+    model.train()
+    bar = progress_bar(total, f"{task.name} pretrain {part} seed {seed}", config.progress)
+    for _, batch in zip(range(total), _shuffled(task.train, config.batch_size, seed), strict=False):
+        opt.zero_grad(set_to_none=True)
+        value = loss(model(batch[0]), batch[target])
+        value.backward()
+        opt.step()
+        schedule.step()
+        bar.update()
+    bar.close()
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def pretrained_parts(method: str) -> tuple[str, ...]:
+    """What ``method`` starts from under the "pretrained" protocol: the primary's model, and the auxiliary
+    model (``task.build(True)``) where the method trains one (Aux-G, Aux-NAS)."""
+    return PARTS if method.startswith(("aux-g-", "aux-nas")) else PARTS[:1]
+
+
+def _pretrain_steps(task: Task, config: Config) -> int:
+    return pretrain_epochs(config) * (len(task.train) // config.batch_size) if config.protocol == "pretrained" else 0
+
+
+def _starting_states(task: Task, method: str, seed: int, config: Config,
+                     given: Mapping[str, Mapping] | None) -> dict[str, Mapping] | None:
+    """The pretrained weights ``method`` starts from ("pretrained"), from ``given`` or :func:`pretrain`."""
+    if config.protocol != "pretrained":
+        if given is not None:
+            raise AuxwrapArgumentError(f"pretrained= was given, but Config.protocol={config.protocol!r} trains "
+                                       "from random init; use protocol='pretrained'.")
+        return None
+    parts = pretrained_parts(method)
+    if given is None:
+        return {part: pretrain(task, config, seed, part) for part in parts}
+    missing = [part for part in parts if part not in given]
+    if missing:
+        raise AuxwrapArgumentError(f"pretrained= lacks {missing} for method={method!r}: give a state_dict per part "
+                                   f"{parts} (see auxwrap.experiments.pretrain).")
+    return {part: given[part] for part in parts}
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+def run(task: str | Task, method: str, seed: int = 0, config: Config | None = None, *,
+        pretrained: Mapping[str, Mapping] | None = None) -> Result:
     """Train ``method`` on ``task`` (a name of :data:`TASKS` or a :func:`make_task` result, reused across
-    runs), keep the best-on-val state, deploy the primary and score it on the test split."""
+    runs), keep the best-on-val state, deploy the primary and score it on the test split.
+
+    Under ``Config.protocol="pretrained"`` the models start from :func:`pretrain`'s weights for ``seed``
+    (trained here and cached in this process), or from ``pretrained``: ``{"primary": state_dict, "aux":
+    state_dict}`` made by :func:`pretrain` elsewhere, e.g. in another process."""
     config = config or Config()
     _check(task, method, config)
     task = make_task(task, config) if isinstance(task, str) else task
+    _check_batch_fits(task, method, config)
+    states = _starting_states(task, method, seed, config, pretrained)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    _check_batch_fits(task, method, config)
-    setup = _network(method, task, config)
+    setup = _network(method, task, config, states)
     steps_per_epoch = len(task.train) // config.batch_size
     total = config.epochs * steps_per_epoch
     if method.startswith("aux-nas"):
-        setup.search = Search(setup.net, total_steps=total, ramp=config.ramp)
-    opt = torch.optim.SGD(_weight_parameters(setup.net), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        setup.search = _search(setup.net, total, config)
+    opt, schedule = _sgd(_weight_parameters(setup.net), config, total)
     best: tuple[float, int, dict] | None = None
     batches = _batches(method, task, config, seed)
     setup.net.train()
-    bar = _progress_bar(total, f"{task.name} {method_label(method, config)} seed {seed}", config.progress)
+    bar = progress_bar(total, f"{task.name} {method_label(method, config)} seed {seed}", config.progress)
     for step in range(1, total + 1):
         search_batch, batch = next(batches)
         if setup.search is not None:
@@ -567,5 +793,6 @@ def run(task: str | Task, method: str, seed: int = 0, config: Config | None = No
                   val=best[0], best_epoch=best[1], flops=count_flops(deployed, sample),
                   params=count_parameters(deployed), weight_steps=total,
                   gate_steps=total if setup.search is not None else 0, seconds=time.perf_counter() - start,
-                  deployed=deployed, search=setup.search)
+                  deployed=deployed, search=setup.search, protocol=config.protocol,
+                  pretrain_steps=_pretrain_steps(task, config))
 

@@ -4,6 +4,10 @@ Each benchmark writes ``NAME.csv`` (the measurements), ``NAME.md`` (the human re
 ``NAME.json`` (the run record: machine, versions, exact command, load average, targets), so that
 ``benchmarks/readme.py`` can rebuild the README's results section from files, never by hand.
 
+The training benchmarks (``accuracy.py``, ``ablation.py``) share :func:`train_grid`: runs of
+:func:`auxwrap.experiments.run` on worker processes, each single-task pretraining done once and sent to
+every run that starts from it; and the paired differences and formats of their reports.
+
 Timing follows one rule: configurations that are compared are timed in ONE process, their repeats
 interleaved (round-robin, the order rotated every round), so that noise from other processes on a
 shared machine hits all of them alike; on CUDA every timed call is bracketed by synchronisations.
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from auxwrap.compare import METRICS, PERCENT, fmt_delta, fmt_metric, mean_std, paired, train_grid  # noqa: F401
 from auxwrap.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,16 +225,25 @@ def targets_markdown(targets: Sequence[Target]) -> str:
 # ---------------------------------------------------------------------- writers
 
 
-def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
-    """Rows with exactly ``columns`` (a missing or extra key is a bug in the benchmark)."""
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]], fill: str | None = None) -> None:
+    """Rows with exactly ``columns`` (a missing or extra key is a bug in the benchmark), or with a column missing
+    where ``fill`` is given (its value there: rows of different tasks have different metrics)."""
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="raise")
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="raise", restval=fill or "")
         writer.writeheader()
         for row in rows:
             missing = set(columns) - set(row)
-            if missing:
+            if missing and fill is None:
                 raise KeyError(f"row {row} lacks columns {sorted(missing)}")
             writer.writerow(row)
+
+
+def columns_of(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Every key of ``rows``, in the order first seen."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns |= dict.fromkeys(row)
+    return list(columns)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -384,3 +398,23 @@ def flush_denormals(device: torch.device) -> bool:
 
 def ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
+
+
+# ---------------------------------------------------------------------- training reports (accuracy.py, ablation.py)
+
+def training_machine() -> str:
+    """The machine and versions line of the training reports."""
+    import timm
+
+    import auxwrap
+
+    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; Python "
+            f"{platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, auxwrap "
+            f"{auxwrap.__version__}")
+
+
+def produced_by(command: str, wall: float, jobs: int, loads: Sequence[float]) -> list[str]:
+    """The first lines of a training report: command, date, wall time, workers, load, machine and versions."""
+    return [f"Produced by `{command}` on {dt.date.today().isoformat()} in {wall / 60:.1f} min ({jobs} worker "
+            f"processes, 1 thread each; load average {loads[0]:.1f} before, {loads[1]:.1f} after).",
+            f"Machine: {training_machine()}."]
