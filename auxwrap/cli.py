@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -20,7 +21,8 @@ from .models import build_model
 from .taps import Tap, find_taps
 from .trace import trace
 
-#: what the demo trains on the digits task (primary: the left digit; auxiliary: the right one)
+#: what the demo trains, on the few-label task of :mod:`auxwrap.experiments`
+DEMO_TASK = "scenes-few"
 DEMO_METHODS = ("single", "aux-g-layer", "aux-nas")
 
 
@@ -28,9 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m auxwrap", description=__doc__)
     parser.add_argument("--version", action="version", version=f"auxwrap {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train Single, Aux-G and Aux-NAS on digit pairs, prune, compare")
-    demo.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
-    demo.add_argument("--out", default="auxwrap-demo", help="where the gate plot goes (default auxwrap-demo/)")
+    demo = commands.add_parser("demo", help="train Single, Aux-G and Aux-NAS on a few-label task, prune, compare")
+    demo.add_argument("--quick", action="store_true", help="10 epochs and 2 seeds: checks that it runs")
+    demo.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3, 2 with --quick)")
+    demo.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    demo.add_argument("--out", default="auxwrap-demo", help="where the report and gate plot go (default auxwrap-demo/)")
     taps = commands.add_parser("taps", help="list the fusion points of a timm or torchvision model")
     taps.add_argument("model", help="e.g. timm:resnet50 or torchvision:vgg16")
     taps.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
@@ -44,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            return _demo(args.quick, Path(args.out))
+            seeds = args.seeds if args.seeds is not None else 2 if args.quick else 3
+            return _demo(args.quick, seeds, args.jobs, Path(args.out))
         if args.command == "flops":
             return _flops(args)
         return _show_taps(args.model, args.size)
@@ -53,44 +58,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _demo(quick: bool, out: Path) -> int:
-    """Train the primary alone, with Aux-G and with Aux-NAS on digit pairs; compare the deployed models."""
-    from . import experiments
+def _demo(quick: bool, seeds: int, jobs: int, out: Path) -> int:
+    """Single, Aux-G and Aux-NAS on a few-label task over several seeds; paired differences, in plain words."""
+    from . import compare, experiments
     from .plot import plot_gates
 
-    config = experiments.FULL["digits"]  # seed 0 of the accuracy benchmark's digits runs
+    config = experiments.FULL[DEMO_TASK]  # the accuracy benchmark's scenes-few runs, seeds 0..seeds-1
     if quick:
-        config = replace(config, epochs=4, n_val=500, n_test=1000)
-    task = experiments.make_task("digits", config)
-    print(f"auxwrap {__version__} demo: digit pairs (16x16, primary: the left digit, auxiliary: the right digit; "
-          f"{len(task.train)} train / {len(task.val)} val / {len(task.test)} test), a small ResNet with random init, "
-          f"{config.epochs} epochs of {len(task.train) // config.batch_size} weight steps of {config.batch_size} for "
-          "every method\n")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # these models are tiny: one thread is faster than several on a busy CPU
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            results = [experiments.run(task, method, seed=0, config=config) for method in DEMO_METHODS]
-    finally:
-        torch.set_num_threads(threads)
-    print(_demo_table(results))
-    nas = results[-1]
+        config = replace(config, epochs=10, n_val=200, n_test=400)
+    task = experiments.make_task(DEMO_TASK, config)
+    start = (f"both models first train alone for {experiments.pretrain_epochs(config)} epochs (the paper's "
+             f"protocol), then every method trains {config.epochs} more" if config.protocol == "pretrained" else
+             f"every method trains {config.epochs} epochs from random initial weights")
+    print(f"auxwrap {__version__} demo: {len(task.train)} labelled images of rendered scenes (32x32); primary: "
+          "the dominant object class (sphere, box or cylinder), a small ResNet classifier; auxiliary: surface "
+          f"normals, learnt by an encoder-decoder (a different architecture). {start.capitalize()}, Single as many "
+          f"steps. {seeds} seeds; {len(task.val)} validation and {len(task.test)} test images.\n", flush=True)
+    runs = [(DEMO_TASK, method, seed, config) for seed in range(seeds) for method in DEMO_METHODS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        rows = compare.train_grid(runs, jobs, histories=True)
+    report = compare.side_by_side(rows, task.metric, DEMO_METHODS)
+    print(report)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "gates.png"
-    plot_gates(nas.search, path=path)
-    print(f"\n{nas.search.summary()}")
-    print(f"\ngate plot: {path}")
+    (out / "results.md").write_text(f"`python -m auxwrap demo{' --quick' if quick else ''} --seeds {seeds}` on "
+                                    f"{time.strftime('%Y-%m-%d')}, {_machine()}\n\n```\n{report}\n```\n")
+    history = next(r["history"] for r in rows if r["method"] == "aux-nas" and r["seed"] == 0)
+    plot_gates(history, path=out / "gates.png")
+    print(f"\ngate plot (Aux-NAS, seed 0): {out / 'gates.png'}; this report: {out / 'results.md'}")
     return 0
 
 
-def _demo_table(results: list) -> str:  # list[experiments.Result]
-    """Deployed test accuracy, FLOPs and parameters of each method beside the single-task model."""
-    single = results[0]
-    rows = [("method", "test accuracy", "deployed MFLOPs", "params", "FLOPs / Single", "training time")]
-    rows += [(r.label, f"{100 * r.metrics['accuracy']:.2f} %", f"{r.flops / 1e6:.3f}", f"{r.params:,}",
-              f"{r.flops / single.flops:.3f}", f"{r.seconds:.0f} s") for r in results]
-    return _format_table(rows, numbers=True)
+def _machine() -> str:
+    """The machine and versions a result was measured with."""
+    import platform
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, auxwrap {__version__}")
 
 
 def _show_taps(spec: str, size: int) -> int:
@@ -128,11 +132,6 @@ def _tap_table(taps: list[Tap], stage_names: set[str]) -> str:
     rows = [("#", "fusion point", "kind", "layout", "shape", "stage end")]
     rows += [(str(i), t.name, t.kind, t.layout, "x".join(map(str, t.shape[1:])), "yes" if t.name in stage_names else "")
              for i, t in enumerate(taps)]
-    return _format_table(rows, indent="  ")
+    from .compare import format_table
 
-
-def _format_table(rows: list[tuple[str, ...]], numbers: bool = False, indent: str = "") -> str:
-    """Rows as aligned text columns; with ``numbers``, every column after the first right-aligned."""
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    return "\n".join(indent + "  ".join(cell.rjust(w) if numbers and c else cell.ljust(w) for c, (cell, w) in
-                                        enumerate(zip(row, widths, strict=True))) for row in rows)
+    return format_table(rows, indent="  ")

@@ -608,12 +608,14 @@ class _NoBar:
 
 
 def progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    """A tqdm bar over the weight steps (removed when done), or a silent stand-in."""
+    """A tqdm bar over ``total`` steps (removed when done), or a silent stand-in (tqdm is then not even imported)."""
+    if not enabled:
+        return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) if enabled else _NoBar()
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 @torch.no_grad()

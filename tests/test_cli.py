@@ -13,15 +13,20 @@ def test_demo_quick_trains_prunes_and_compares_at_single_task_cost(tmp_path, cap
     rows = {line.split("  ")[0].strip(): line for line in out.splitlines()
             if line.startswith(("Single", "Aux-G-Layer", "Aux-NAS"))}
     assert set(rows) == {"Single", "Aux-G-Layer", "Aux-NAS"}
-    # columns: method, accuracy "xx.xx %", deployed MFLOPs, params, FLOPs / Single, training time "n s"
+    # the last three columns: deployed MFLOPs, params, FLOPs / Single
     cells = {name: row.split() for name, row in rows.items()}
-    assert len({c[-5] for c in cells.values()}) == 1, rows  # every deployed model costs what Single costs
-    assert len({c[-4] for c in cells.values()}) == 1, rows  # and has as many parameters
-    assert all(c[-3] == "1.000" for c in cells.values()), rows
-    assert all("%" in row for row in rows.values())
-    png = tmp_path / "demo" / "gates.png"
-    assert f"gate plot: {png}" in out and png.stat().st_size > 0
-    assert "aux->primary" in out and "exactly 0" in out
+    assert len({c[-3] for c in cells.values()}) == 1, rows  # every deployed model costs what Single costs
+    assert len({c[-2] for c in cells.values()}) == 1, rows  # and has as many parameters
+    assert all(c[-1] == "1.000" for c in cells.values()), rows
+    assert all("±" in row for row in rows.values())
+    assert "Paired over 2 seeds" in out
+    verdicts = [line for line in out.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in verdicts] == [
+        "- Aux-G-Layer vs Single", "- Aux-NAS vs Single", "- Aux-NAS vs Aux-G-Layer"]
+    assert all(any(word in line for word in ("noise", "sigma", "spread")) for line in verdicts), verdicts
+    png, report = tmp_path / "demo" / "gates.png", tmp_path / "demo" / "results.md"
+    assert f"gate plot (Aux-NAS, seed 0): {png}" in out and png.stat().st_size > 0
+    assert "Paired over 2 seeds" in report.read_text()
 
 
 def test_taps_command_lists_points_of_a_named_model(capsys):
