@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -156,6 +158,47 @@ def test_the_flops_target_reads_missed_when_a_deployed_row_costs_less_than_the_p
     assert (exact.measured, exact.status) == ("1.000", "met")
 
 
+def test_the_accuracy_targets_read_from_the_paired_differences(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(a) Aux-NAS no worse than Aux-G-Layer by more than 1 σ, (b) better than Single by more than 2 σ; σ: the
+    std over seeds of the per-seed differences; lower is better for angle errors."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import accuracy
+
+    def statuses(task: str, values: dict[str, list[float]]) -> list[str]:
+        """The targets' statuses where every metric of ``task`` takes ``values[method][seed]``."""
+        metrics = dict.fromkeys(m for m, _ in accuracy.METRICS[task])
+        rows = [{"task": task, "method": m, "label": m, "seed": s, **dict.fromkeys(metrics, v), "flops": 1,
+                 "params": 1, "seconds": 1} for m, vs in values.items() for s, v in enumerate(vs)]
+        return [t.status for t in accuracy.targets(task, accuracy.summarise(rows))]
+
+    single = [0.50, 0.52, 0.51]
+    assert statuses("scenes-few", {"single": single, "aux-g-layer": [0.60, 0.60, 0.60],
+                                   "aux-nas": [0.60, 0.63, 0.61]}) == ["met", "met"]
+    assert statuses("scenes-few", {"single": single, "aux-g-layer": [0.70, 0.72, 0.71],
+                                   "aux-nas": [0.51, 0.50, 0.53]}) == ["missed", "missed"]
+    errors = {"single": [30.0, 31.0, 32.0], "aux-g-layer": [30.0, 31.0, 32.0], "aux-nas": [25.0, 26.1, 26.9]}
+    assert statuses("scenes-normals", errors) == ["met", "met"]  # lower is better
+    assert statuses("scenes-few", {m: v[:1] for m, v in errors.items()}) == ["not measured"] * 2
+
+
+def test_the_ablation_runs_each_configuration_once_and_every_baseline_it_needs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import ablation
+
+    from auxwrap.experiments import FULL
+
+    base = FULL["scenes-few"]
+    rows, runs = ablation.plan(base, ablation.FACTORS)
+    assert len(rows) == len(ablation.VARIANTS) and len(runs) == len(set(runs))
+    assert sum(config == base for _, config in runs) == 3  # single, aux-g-layer and aux-nas, shared by all factors
+    for _, _, _, config in rows:
+        for baseline in ablation.BASELINES:
+            assert (baseline, replace(base, protocol=config.protocol)) in runs
+    rows, runs = ablation.plan(base, ["gate"])
+    assert {m for m, _ in runs} == {"single", "aux-g-layer", "aux-nas"} and len(runs) == 4
+
+
 def test_readme_results_section_is_up_to_date() -> None:
     """The README's results section is what ``python benchmarks/readme.py`` makes of benchmarks/results."""
     if not (RESULTS / "flops.json").is_file():
@@ -170,3 +213,51 @@ def test_benchmarks_are_ruff_clean() -> None:
         pytest.skip("ruff is not installed")
     result = subprocess.run(["ruff", "check", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_library_defaults_are_what_the_committed_ablation_supports() -> None:
+    """Issue 12: the defaults come from the measured ablation, not from taste. Each factor keeps the ablation's base
+    setting unless a variant beat it by more than the paired spread (mean over seeds of the per-seed difference
+    larger than its std); then the default must be that variant."""
+    from auxwrap.attach import DEFAULT_ALPHA_INIT
+    from auxwrap.experiments import FULL
+    from auxwrap.fusion import DEFAULT_GATE
+    from auxwrap.plan import DEFAULT_WINDOW_FORM
+    from auxwrap.search import DEFAULT_DECAY, Search
+
+    values = {  # ablation variant name -> the setting it stands for
+        "protocol": {"pretrained": "pretrained", "scratch": "scratch"},
+        "gate": {"sigmoid": "sigmoid", "clamp": "clamp"},
+        "schedule": {"decay linear, ramp (0.5, 0.8)": ("linear", (0.5, 0.8)), "decay l1": ("l1", (0.5, 0.8)),
+                     "ramp (0.2, 0.6)": ("linear", (0.2, 0.6))},
+        "window": {"paper": "paper", "code": "code", "group": "group"},
+        "alpha_init": {"(0.001, 0.5)": (0.001, 0.5), "(0.5, 0.5)": (0.5, 0.5)},
+    }
+    alpha = DEFAULT_ALPHA_INIT if isinstance(DEFAULT_ALPHA_INIT, tuple) else (DEFAULT_ALPHA_INIT,) * 2
+    library = {"protocol": FULL["scenes-few"].protocol, "gate": DEFAULT_GATE,
+               "schedule": (DEFAULT_DECAY, Search.__init__.__kwdefaults__["ramp"]), "window": DEFAULT_WINDOW_FORM,
+               "alpha_init": alpha}
+    scores: dict[tuple[str, str], dict[int, float]] = {}
+    base: dict[str, str] = {}
+    with (RESULTS / "ablation" / "ablation.csv").open() as f:
+        for row in csv.DictReader(f):
+            if row["method"] != "aux-nas":
+                continue
+            for variant in row["variants"].split("; "):
+                factor, name = variant.split(": ", 1)
+                scores.setdefault((factor, name), {})[int(row["seed"])] = float(row["accuracy"])
+                if row["config"] == "base":
+                    base[factor] = name
+    assert set(base) == set(values)
+    for factor, names in values.items():
+        assert all(len(scores[factor, name]) >= 5 for name in names), factor  # every row 5 seeds at least
+        supported = values[factor][base[factor]]
+        gains = {}
+        for name in names:
+            deltas = [scores[factor, name][s] - scores[factor, base[factor]][s] for s in scores[factor, name]]
+            mean, std = statistics.fmean(deltas), statistics.stdev(deltas)
+            if mean > std:
+                gains[name] = mean
+        if gains:
+            supported = values[factor][max(gains, key=gains.get)]
+        assert library[factor] == supported, (factor, library[factor], supported)
