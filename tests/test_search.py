@@ -26,7 +26,9 @@ SIZE = 8  # 8x8 inputs keep every step in milliseconds
 
 
 def _fused(n_aux=1, **kwargs):
-    """ResidualNet(4) with ``n_aux`` ResidualNet(2) auxiliaries, mode="nas"."""
+    """ResidualNet(4) with ``n_aux`` ResidualNet(2) auxiliaries, mode="nas"; every gate opens at 0.5 unless
+    ``alpha_init`` says otherwise, so that the search has live auxiliary -> primary links to bring down and cut."""
+    kwargs.setdefault("alpha_init", 0.5)
     primary = ResidualNet(4)
     aux = [ResidualNet(2) for _ in range(n_aux)]
     net = auxwrap.attach(primary, aux if n_aux > 1 else aux[0], mode="nas",
