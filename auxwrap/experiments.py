@@ -332,16 +332,17 @@ FULL = {
     "scenes-few": Config(width=8, epochs=30, batch_size=16, n_train=160, n_val=400, n_test=800, size=32,
                          protocol="pretrained"),
 }
-#: ``--quick``: a few steps per method, to check that everything runs (the models do not learn much; one epoch of
-#: pretraining where a run asks for protocol="pretrained")
+#: ``--quick``: a few steps per method, to check that everything runs (the models do not learn much); the FULL
+#: configs' protocol, with one epoch of pretraining
 QUICK = {
-    "digits": Config(width=4, blocks=1, epochs=2, batch_size=32, n_train=128, n_val=64, n_test=64, pretrain_epochs=1),
+    "digits": Config(width=4, blocks=1, epochs=2, batch_size=32, n_train=128, n_val=64, n_test=64, pretrain_epochs=1,
+                     protocol="pretrained"),
     "scenes-seg": Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=32, n_val=16, n_test=16, size=32,
-                         pretrain_epochs=1),
+                         pretrain_epochs=1, protocol="pretrained"),
     "scenes-normals": Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=32, n_val=16, n_test=16, size=32,
-                             pretrain_epochs=1),
+                             pretrain_epochs=1, protocol="pretrained"),
     "scenes-few": Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=32, n_val=32, n_test=32, size=32,
-                         pretrain_epochs=1),
+                         pretrain_epochs=1, protocol="pretrained"),
 }
 
 

@@ -34,9 +34,9 @@ from auxwrap.experiments import FULL, QUICK, TASKS, Config, method_label
 #: The ablation, one row per line: (factor, variant name, overrides of the task's FULL config, method).
 #: A row without overrides is the base config; identical (method, config) pairs run once.
 VARIANTS: tuple[tuple[str, str, dict, str], ...] = (
-    ("protocol", "pretrained", {}, "single"),
-    ("protocol", "pretrained", {}, "aux-g-layer"),
-    ("protocol", "pretrained", {}, "aux-nas"),
+    ("protocol", "pretrained", {"protocol": "pretrained"}, "single"),
+    ("protocol", "pretrained", {"protocol": "pretrained"}, "aux-g-layer"),
+    ("protocol", "pretrained", {"protocol": "pretrained"}, "aux-nas"),
     ("protocol", "scratch", {"protocol": "scratch"}, "single"),
     ("protocol", "scratch", {"protocol": "scratch"}, "aux-g-layer"),
     ("protocol", "scratch", {"protocol": "scratch"}, "aux-nas"),
