@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -81,20 +80,13 @@ def _demo(quick: bool, seeds: int, jobs: int, out: Path) -> int:
     report = compare.side_by_side(rows, task.metric, DEMO_METHODS)
     print(report)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(f"`python -m auxwrap demo{' --quick' if quick else ''} --seeds {seeds}` on "
-                                    f"{time.strftime('%Y-%m-%d')}, {_machine()}\n\n```\n{report}\n```\n")
+    command = f"python -m auxwrap demo{' --quick' if quick else ''} --seeds {seeds}"
+    (out / "results.md").write_text(f"`{command}` on {time.strftime('%Y-%m-%d')}, {compare.training_machine()}\n\n"
+                                    f"```\n{report}\n```\n")
     history = next(r["history"] for r in rows if r["method"] == "aux-nas" and r["seed"] == 0)
     plot_gates(history, path=out / "gates.png")
     print(f"\ngate plot (Aux-NAS, seed 0): {out / 'gates.png'}; this report: {out / 'results.md'}")
     return 0
-
-
-def _machine() -> str:
-    """The machine and versions a result was measured with."""
-    import platform
-
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, {platform.system()}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, auxwrap {__version__}")
 
 
 def _show_taps(spec: str, size: int) -> int:

@@ -10,10 +10,13 @@ seeds. ``python -m auxwrap demo``, ``benchmarks/accuracy.py`` and ``benchmarks/a
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import statistics
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -29,8 +32,8 @@ from .experiments import (
     shared_config,
 )
 
-__all__ = ["METRICS", "PERCENT", "fmt_delta", "fmt_metric", "format_table", "mean_std", "noise_words", "paired",
-           "side_by_side", "train_grid"]
+__all__ = ["METRICS", "PERCENT", "cpu_model", "fmt_delta", "fmt_metric", "format_table", "mean_std", "noise_words",
+           "paired", "side_by_side", "train_grid", "training_machine"]
 
 #: per task of :mod:`auxwrap.experiments`: the metrics reported (the first one is the headline), and whether
 #: lower is better
@@ -190,6 +193,27 @@ _PLAIN = {"within noise": "within noise: these seeds cannot tell the two apart",
           "between 1 and 2 sigma": "larger than the seed-to-seed spread, but less than twice it: a weak signal",
           "more than 2 sigma": "more than twice the seed-to-seed spread",
           "one seed": "one seed only: no spread to judge it by"}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def training_machine() -> str:
+    """The machine and versions line of the training reports (the demo's and the benchmarks')."""
+    import timm
+
+    from . import __version__
+
+    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; Python "
+            f"{platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, auxwrap {__version__}")
 
 
 class _Closing:

@@ -35,7 +35,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from auxwrap.compare import METRICS, PERCENT, fmt_delta, fmt_metric, mean_std, paired, train_grid  # noqa: F401
+from auxwrap.compare import (  # noqa: F401
+    METRICS,
+    PERCENT,
+    cpu_model,
+    fmt_delta,
+    fmt_metric,
+    mean_std,
+    paired,
+    train_grid,
+    training_machine,
+)
 from auxwrap.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,17 +132,6 @@ def command_line() -> str:
     script = Path(sys.argv[0]).resolve()
     shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
     return shlex.join(["python", str(shown), *sys.argv[1:]])
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_commit() -> str:
@@ -401,17 +400,6 @@ def ms(seconds: float) -> float:
 
 
 # ---------------------------------------------------------------------- training reports (accuracy.py, ablation.py)
-
-def training_machine() -> str:
-    """The machine and versions line of the training reports."""
-    import timm
-
-    import auxwrap
-
-    return (f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; Python "
-            f"{platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, auxwrap "
-            f"{auxwrap.__version__}")
-
 
 def produced_by(command: str, wall: float, jobs: int, loads: Sequence[float]) -> list[str]:
     """The first lines of a training report: command, date, wall time, workers, load, machine and versions."""
