@@ -7,7 +7,7 @@ The way through the code (DESIGN §5): :mod:`auxwrap.trace` (model -> fx graph w
 from . import data, mto
 from .attach import attach
 from .auxmodule import AuxModule
-from .deploy import AuxwrapPruneError, AuxwrapPruneWarning, export, export_onnx, prune
+from .deploy import AuxwrapDeployError, AuxwrapPruneError, AuxwrapPruneWarning, export, export_onnx, prune
 from .errors import AuxwrapArgumentError, AuxwrapError, AuxwrapTapError, AuxwrapTraceError
 from .examples import default_example_inputs
 from .flops import count_flops, count_norm_layers, count_parameters, report
@@ -26,6 +26,7 @@ __all__ = [
     "AuxModule",
     "AuxOutput",
     "AuxwrapArgumentError",
+    "AuxwrapDeployError",
     "AuxwrapError",
     "AuxwrapPairingError",
     "AuxwrapPruneError",

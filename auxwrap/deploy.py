@@ -3,13 +3,18 @@
 :func:`detach_primary` re-traces the trained primary (a copy) in eval mode and folds its
 BatchNorms: auxiliary branches, fusion weights and gates are simply not in that graph.
 :func:`prune` first measures what cutting the auxiliary -> primary links changes on a probe batch
-and refuses, naming the links, where that is above tolerance (DESIGN I5).
+and refuses, naming the links, where that is above tolerance (DESIGN I5). Both check the deployed
+module against the fused network's primary output on that probe (DESIGN I2): a re-trace can differ
+from the graph that was trained, where the primary changed after attach().
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,15 +24,20 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .analysis import as_input_tuple, eval_mode
-from .errors import AuxwrapError
+from .errors import AuxwrapArgumentError, AuxwrapError, is_real
 from .fold import fold_batchnorm
-from .fused import FusedNet
+from .fused import FusedNet, unwrap
 from .plan import PRIMARY
 from .trace import trace
 
 
 class AuxwrapPruneError(AuxwrapError):
     """Cutting the auxiliary -> primary links would change the primary's output."""
+
+
+class AuxwrapDeployError(AuxwrapError):
+    """The deployed primary does not compute what the fused network's primary computes (the primary was
+    changed after attach(), or a forward depends on state its traced graph does not hold)."""
 
 
 class AuxwrapPruneWarning(UserWarning):
@@ -49,22 +59,36 @@ class LinkContribution:
                 f"(gate {self.gate:.3g}, adds {self.relative:.3g} of the value there)")
 
 
-def detach_primary(net: FusedNet) -> fx.GraphModule:
+def deploy_tolerance(dtype: torch.dtype) -> float:
+    """The largest relative difference allowed between the deployed primary and the fused network's primary
+    on the probe: 1e-5 in float32 and float64 (DESIGN I2), ``8 * eps`` of coarser types (float16 7.8e-3,
+    bfloat16 6.3e-2), where BatchNorm folding alone changes the output by about ``1.3 * eps``."""
+    return max(1e-5, 8 * torch.finfo(dtype).eps)
+
+
+def detach_primary(net: FusedNet, probe: object = None) -> fx.GraphModule:
     """The primary alone as a new eval-mode ``GraphModule`` with its BatchNorms folded.
 
-    Refuses while an auxiliary -> primary link can still contribute (use :func:`prune`).
-    The report of what was folded is ``deployed.fold_report``.
+    Refuses while an auxiliary -> primary link can still contribute (use :func:`prune`). The module is
+    checked against the fused network's eval-mode primary output on ``probe`` (default: the example
+    inputs given to attach) and refused with :class:`AuxwrapDeployError` where it differs by more than
+    :func:`deploy_tolerance`. The report of what was folded is ``deployed.fold_report``, the measured
+    relative difference ``deployed.relative_error``.
     """
+    net = _fused_net(net, "detach_primary")
+    inputs = _probe_inputs(net, probe)
     live = _live_links(net)
     if live:
         raise AuxwrapPruneError(
             f"{len(live)} auxiliary -> primary link(s) are not cut (e.g. {live[0]}); detaching now would "
             "change the primary's output. Call auxwrap.prune(net) to measure and cut them.")
-    return fold_primary(net)
+    with _naming_the_probe(net, inputs), eval_mode(net), torch.no_grad():
+        expected = net(*inputs).primary
+    return _checked_deploy(net, inputs, expected)
 
 
 def fold_primary(net: FusedNet) -> fx.GraphModule:
-    """A copy of the primary, traced in eval mode, BatchNorms folded; links are not checked."""
+    """A copy of the primary, traced in eval mode, BatchNorms folded; links and outputs are not checked."""
     return fold_module(net.primary, **net.trace_options)
 
 
@@ -81,13 +105,17 @@ def prune(net: FusedNet, tol: float = 1e-4, probe: object = None, force: bool = 
 
     Measures the primary's output on ``probe`` (default: the example inputs given to attach)
     with the links and without them; refuses with :class:`AuxwrapPruneError` naming the links
-    that contribute where the relative change is above ``tol``. ``force=True`` cuts anyway and
-    warns with the measured change. In mode="grad" there is nothing to cut.
+    that contribute where the relative change is above ``tol`` (a finite number >= 0). ``force=True``
+    cuts anyway and warns with the measured change. The deployed module is checked on the same probe
+    (see :func:`detach_primary`) before anything is cut. In mode="grad" there is nothing to cut.
     """
+    net = _fused_net(net, "prune")
+    tol = _check_tol(tol)
+    inputs = _probe_inputs(net, probe)
     if net.mode == "grad":
-        return detach_primary(net)
-    inputs = as_input_tuple(net.example_inputs if probe is None else probe, "the probe")
-    change, links = measure_cut(net, inputs)
+        return detach_primary(net, inputs)
+    before, after, links = _cut_outputs(net, inputs)
+    change = _relative_change(before, after)
     if change > tol:
         ranked = sorted(links, key=lambda c: -c.relative)
         culprits = [c for c in ranked if c.relative > tol] or ranked[:5]
@@ -99,8 +127,102 @@ def prune(net: FusedNet, tol: float = 1e-4, probe: object = None, force: bool = 
                 "Train longer with the search's L1 schedule (auxwrap.Search), or pass force=True to cut anyway.")
         warnings.warn(f"prune(force=True): cutting changed the primary's output by {change:.3g} (relative, "
                       f"tol={tol:g}); largest contributions:\n{listed}", AuxwrapPruneWarning, stacklevel=2)
+    deployed = _checked_deploy(net, inputs, after)  # checked against the cut network before cutting it
     cut_links(net)
-    return detach_primary(net)
+    return deployed
+
+
+def _fused_net(net: object, caller: str) -> FusedNet:
+    """``net`` as the FusedNet it is (or wraps, for DDP); an AuxwrapArgumentError naming ``caller`` else."""
+    return unwrap(net, f"{caller}(net): net")
+
+
+def _check_tol(tol: object) -> float:
+    if not is_real(tol) or not math.isfinite(tol) or tol < 0:
+        raise AuxwrapArgumentError(
+            f"tol must be a finite number >= 0, the largest relative change of the primary's output that "
+            f"cutting the auxiliary -> primary links may cause, got {tol!r}; e.g. prune(net, tol=1e-3) "
+            "(default 1e-4; 0 accepts only links that change nothing).")
+    return float(tol)
+
+
+def _probe_inputs(net: FusedNet, probe: object) -> tuple:
+    return as_input_tuple(net.example_inputs if probe is None else probe, "the probe")
+
+
+def _describe(inputs: tuple) -> str:
+    """Shape, dtype and device of each input, e.g. ``(2, 3, 32, 32) float32 on cpu``."""
+    return ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} on {x.device}"
+                     if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
+
+
+@contextlib.contextmanager
+def _naming_the_probe(net: FusedNet, inputs: tuple) -> Iterator[None]:
+    """A failure of the fused network on a probe unlike the example inputs (shape, dtype, device) becomes an
+    AuxwrapArgumentError that names the probe; other failures pass through unchanged."""
+    try:
+        yield
+    except AuxwrapError:
+        raise
+    except Exception as error:
+        given, expected = _describe(inputs), _describe(net.example_inputs)
+        if given == expected:
+            raise
+        raise AuxwrapArgumentError(
+            f"the probe [{given}] is unlike the example inputs given to attach() [{expected}], and the fused "
+            f"network fails on it ({type(error).__name__}: {_first_line(error)}); "
+            "pass a probe the primary's forward() takes, shaped like the example inputs, or leave probe=None "
+            "to use the example inputs.") from error
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [""])[0]
+
+
+def _checked_deploy(net: FusedNet, inputs: tuple, expected: object) -> fx.GraphModule:
+    """:func:`fold_primary`, refused where it does not reproduce ``expected`` (the fused network's
+    eval-mode primary output on ``inputs``) within :func:`deploy_tolerance`."""
+    deployed = fold_primary(net)
+    why = ("Either the primary (or one of its submodules) was replaced or changed after attach(): the fused "
+           "network still runs the graph traced then, the deployed module a trace of the primary now; re-run "
+           "auxwrap.attach() on the changed model (and train it) to deploy it. Or a module's forward depends on "
+           "state the traced graph does not hold (a Python attribute or flag read at trace time and changed "
+           "since, randomness in eval mode): make it a buffer or an input, or register the module as a leaf "
+           "with attach(..., leaf_modules=(...)). The folding is in deployed.fold_report.")
+    try:
+        with torch.no_grad():
+            got = deployed(*inputs)
+    except Exception as error:
+        raise AuxwrapDeployError(
+            f"the deployed primary fails on the probe [{_describe(inputs)}] that the fused network runs "
+            f"({type(error).__name__}: {_first_line(error)}). {why}") from error
+    if not _finite(expected):
+        raise AuxwrapDeployError(
+            f"the fused network's primary output on the probe [{_describe(inputs)}] has NaN or inf values, so "
+            "the deployed primary cannot be checked against it; check the trained weights (a diverged run?) "
+            "or pass a probe on which the primary's output is finite.")
+    error, dtype = _relative_change(expected, got), _least_precise(expected)
+    if not error <= deploy_tolerance(dtype):
+        raise AuxwrapDeployError(
+            f"the deployed primary differs from the fused network's primary output by {error:.3g} (relative) on "
+            f"the probe [{_describe(inputs)}], above {deploy_tolerance(dtype):.2g} for {dtype}: it would not "
+            f"compute what was trained. {why}")
+    deployed.relative_error = error
+    return deployed
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    return [x for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor)]
+
+
+def _least_precise(value: object) -> torch.dtype:
+    """The floating dtype of ``value``'s tensors with the largest epsilon (float32 where there is none)."""
+    dtypes = [x.dtype for x in _tensors(value) if x.is_floating_point()] or [torch.float32]
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
+def _finite(value: object) -> bool:
+    return all(bool(torch.isfinite(x).all()) for x in _tensors(value) if x.is_floating_point())
 
 
 def cut_links(net: FusedNet) -> None:
@@ -113,13 +235,20 @@ def cut_links(net: FusedNet) -> None:
 def measure_cut(net: FusedNet, inputs: tuple) -> tuple[float, list[LinkContribution]]:
     """Relative change of the primary's output when the auxiliary -> primary links are cut, and what
     each link adds at its destination; eval mode, no gradients, the network left as it was."""
+    before, after, contributions = _cut_outputs(net, inputs)
+    return _relative_change(before, after), contributions
+
+
+def _cut_outputs(net: FusedNet, inputs: tuple) -> tuple[object, object, list[LinkContribution]]:
+    """The primary's output with the auxiliary -> primary links and without them, and what each link adds
+    at its destination (:func:`measure_cut`)."""
     contributions: list[LinkContribution] = []
     hooks = [fusion.register_forward_hook(_recorder(site, fusion, contributions))
              for site, fusion in net.fusion_sites(dest_branch=PRIMARY)]
     gated = [f for _, f in net.fusion_sites(dest_branch=PRIMARY) if f.gate is not None]
     saved = [f.live.clone() for f in gated]
     try:
-        with eval_mode(net), torch.no_grad():
+        with _naming_the_probe(net, inputs), eval_mode(net), torch.no_grad():
             before = net(*inputs).primary
             for hook in hooks:
                 hook.remove()
@@ -130,7 +259,7 @@ def measure_cut(net: FusedNet, inputs: tuple) -> tuple[float, list[LinkContribut
             hook.remove()
         for fusion, live in zip(gated, saved, strict=True):
             fusion.live.copy_(live)
-    return _relative_change(before, after), contributions
+    return before, after, contributions
 
 
 def _recorder(site, fusion, out: list[LinkContribution]):  # noqa: ANN001, ANN202

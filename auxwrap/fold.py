@@ -9,6 +9,7 @@ The arithmetic is ``torch.nn.utils.fusion``'s; the graph module must own its mod
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -47,19 +48,26 @@ class _BatchNorm:
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> FoldReport:
-    """Fold BatchNorms into the conv/linear layers before them, in place; returns the report."""
+    """Fold BatchNorms into the conv/linear layers before them, in place; returns the report.
+
+    Each call site is decided on the graph as it was, before anything changes: a norm module called at
+    several sites (timm's ``BatchNormAct2d`` kept as one ``call_module``, used twice) folds into the layer
+    before each foldable site and stays, unchanged, where another site cannot fold.
+    """
     report = FoldReport()
-    for node in list(gm.graph.nodes):
-        norm = _as_batch_norm(gm, node)
-        if norm is None:
-            continue
-        reason = _why_not_foldable(gm, node, norm)
+    norms = [(node, norm) for node in gm.graph.nodes if (norm := _as_batch_norm(gm, node)) is not None]
+    decided = [(node, norm, _why_not_foldable(gm, node, norm)) for node, norm in norms]
+    folded_layers: set[str] = set()  # a layer module called at several sites, each into this norm, folds once
+    for node, norm, reason in decided:
         if reason:
             report.skipped.append((node.name, reason))
             continue
-        _fold(gm, norm.input, norm)
-        _replace_norm(gm, node, norm)
+        layer = norm.input.target if norm.input.op == "call_module" else norm.input.name
+        if layer not in folded_layers:
+            _fold(gm, norm.input, norm)
+            folded_layers.add(layer)
         report.folded.append((node.name, norm.input.name))
+    _replace_norms(gm, [(node, norm) for node, norm, reason in decided if not reason])
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
@@ -112,8 +120,9 @@ def _why_not_foldable(gm: fx.GraphModule, node: fx.Node, norm: _BatchNorm) -> st
         return "it has no running statistics"
     if producer.op == "call_module":
         calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == producer.target]
-        if len(calls) > 1:
-            return f"module {producer.target} is called {len(calls)} times"
+        if not all(_feeds_only(call, node) for call in calls):
+            return (f"module {producer.target} is called {len(calls)} times, not each time into "
+                    f"{node.target if node.op == 'call_module' else 'this norm'} alone")
         layer = gm.get_submodule(producer.target)
         channels = layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
         if channels != norm.mean.numel():
@@ -121,6 +130,16 @@ def _why_not_foldable(gm: fx.GraphModule, node: fx.Node, norm: _BatchNorm) -> st
     elif _stored_tensor(gm, _functional_arg(producer, 1, "weight")) is None:
         return f"the weight of {producer.name} is computed, not a stored tensor"
     return None
+
+
+def _feeds_only(call: fx.Node, norm: fx.Node) -> bool:
+    """Whether the output of ``call`` goes to one call of the norm module that ``norm`` calls, and nowhere else
+    (a unit called twice: one fold of the layer serves both sites)."""
+    if call is norm.args[0]:
+        return len(call.users) == 1
+    users = list(call.users)
+    return (len(users) == 1 and norm.op == "call_module" and users[0].op == "call_module"
+            and users[0].target == norm.target and users[0].args[0] is call)
 
 
 def _is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -154,7 +173,7 @@ def _fold(gm: fx.GraphModule, producer: fx.Node, norm: _BatchNorm) -> None:
     if producer.op == "call_module":
         layer = gm.get_submodule(producer.target)
         weight, bias = _fused(layer.weight, layer.bias, norm, conv=isinstance(layer, nn.modules.conv._ConvNd),
-                              transpose=getattr(layer, "transposed", False))
+                              transpose=getattr(layer, "transposed", False), groups=getattr(layer, "groups", 1))
         layer.weight, layer.bias = weight, bias
         return
     weight_node = _functional_arg(producer, 1, "weight")
@@ -177,8 +196,10 @@ def _fold(gm: fx.GraphModule, producer: fx.Node, norm: _BatchNorm) -> None:
 
 
 def _fused(weight: torch.Tensor, bias: torch.Tensor | None, norm: _BatchNorm, conv: bool,
-           transpose: bool = False) -> tuple[nn.Parameter, nn.Parameter]:
+           transpose: bool = False, groups: int = 1) -> tuple[nn.Parameter, nn.Parameter]:
     with torch.no_grad():
+        if conv and transpose:
+            return _fused_transposed(weight, bias, norm, groups)
         if conv:
             return fuse_conv_bn_weights(weight, bias, norm.mean, norm.var, norm.eps, norm.weight, norm.bias,
                                         transpose=transpose)
@@ -187,15 +208,46 @@ def _fused(weight: torch.Tensor, bias: torch.Tensor | None, norm: _BatchNorm, co
         return fuse_linear_bn_weights(weight, bias, norm.mean, norm.var, norm.eps, norm_weight, norm_bias)
 
 
-def _replace_norm(gm: fx.GraphModule, node: fx.Node, norm: _BatchNorm) -> None:
-    """Users of the norm read the layer's output, through the norm's own activation where it has one."""
-    replacement = norm.input
-    if norm.tail:
-        tail = nn.Sequential(*norm.tail)
-        owner, _, name = node.target.rpartition(".")
-        setattr(gm.get_submodule(owner) if owner else gm, name, tail)  # the BatchNorm's parameters go away
-        replacement = node  # the node now calls the tail on the layer's output
-        node.args = (norm.input,)
-        return
-    node.replace_all_uses_with(replacement)
-    gm.graph.erase_node(node)
+def _fused_transposed(weight: torch.Tensor, bias: torch.Tensor | None, norm: _BatchNorm,
+                      groups: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """A transposed convolution's weight is (in, out / groups, *kernel): output channel ``g * out/groups + j``
+    is column ``j`` of group ``g`` (torch's ``fuse_conv_bn_weights`` assumes one group)."""
+    scale = torch.rsqrt(norm.var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.mean * scale + (norm.bias if norm.bias is not None else 0.0)
+    if bias is not None:
+        shift = shift + bias * scale
+    in_channels, per_group, *kernel = weight.shape
+    grouped = weight.reshape(groups, in_channels // groups, per_group, *kernel)
+    scaled = grouped * scale.reshape(groups, 1, per_group, *[1] * len(kernel)).to(weight.dtype)
+    return (nn.Parameter(scaled.reshape(weight.shape), weight.requires_grad),
+            nn.Parameter(shift.to(weight.dtype), weight.requires_grad))
+
+
+def _replace_norms(gm: fx.GraphModule, folded: list[tuple[fx.Node, _BatchNorm]]) -> None:
+    """Users of each folded norm read the layer's output, through the norm's own activation where it has
+    one (``drop`` and ``act`` of ``BatchNormAct2d``, as one ``nn.Sequential``). That tail takes the norm
+    module's place where every call site of the module folded, else a new name beside it."""
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    tails: dict[str, str] = {}  # norm module path -> path of its tail module
+    for node, norm in folded:
+        if not norm.tail:
+            node.replace_all_uses_with(norm.input)
+            gm.graph.erase_node(node)
+            continue
+        if node.target not in tails:
+            every_site = sum(n.target == node.target for n, _ in folded) == calls[node.target]
+            tails[node.target] = node.target if every_site else _free_name(gm, f"{node.target}_act")
+            gm.add_submodule(tails[node.target], nn.Sequential(*norm.tail))  # the norm's parameters go away
+        node.target, node.args, node.kwargs = tails[node.target], (norm.input,), {}
+
+
+def _free_name(gm: fx.GraphModule, path: str) -> str:
+    """``path``, or ``path`` with a number appended, that no submodule or attribute of ``gm`` uses yet."""
+    owner, _, name = path.rpartition(".")
+    parent = gm.get_submodule(owner) if owner else gm
+    candidate, k = name, 1
+    while hasattr(parent, candidate):
+        candidate, k = f"{name}{k}", k + 1
+    return f"{owner}.{candidate}" if owner else candidate

@@ -4,18 +4,23 @@ It holds the user's own modules (``primary``, ``aux[k]``) and the fusion modules
 parameter names are the originals under a branch prefix and an optimizer built on
 ``primary.parameters()`` keeps working. Its forward runs a generated fx program: one for train mode
 and one for eval mode where the branches trace differently (timm's DropPath), else one for both.
+It pickles (``torch.save``, ``copy.deepcopy``) with its graphs as flat node lists, whatever their size,
+and ``.to()`` moves its example inputs with its parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.fx.node import map_aggregate
 
 from .build import FUSIONS, Site
+from .errors import AuxwrapArgumentError
 from .fusion import Fusion
 from .plan import PRIMARY, Connection
 from .taps import Tap
@@ -92,7 +97,22 @@ class FusedNet(nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_programs"] = {}  # compiled code is rebuilt on first use after a copy or unpickling
+        # an fx.Graph pickles as a linked list of nodes, one recursion level per node (RecursionError
+        # above ~330 nodes): store each graph as a flat list of its nodes instead
+        state["_graphs"] = {key: _graph_state(graph) for key, graph in self._graphs.items()}
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state, _graphs={key: _graph_from_state(s) for key, s in state["_graphs"].items()})
+        super().__setstate__(state)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FusedNet:
+        """``.to()``, ``.double()``, ``.half()``, ``.cuda()``... move the stored example inputs as they move
+        the buffers (same device and dtype rule; their values are kept), so prune() and report() run on
+        them without a dtype or device mismatch."""
+        result = super()._apply(fn, recurse)
+        self.example_inputs = tuple(_moved_like(fn, x) for x in self.example_inputs)
+        return result
 
     # ------------------------------------------------------------------ parameters and connections
 
@@ -124,11 +144,12 @@ class FusedNet(nn.Module):
 
     # ------------------------------------------------------------------ deployment
 
-    def detach_primary(self) -> fx.GraphModule:
-        """The primary alone: a new eval-mode GraphModule, BatchNorms folded (see :mod:`auxwrap.deploy`)."""
+    def detach_primary(self, probe: Any = None) -> fx.GraphModule:
+        """The primary alone: a new eval-mode GraphModule, BatchNorms folded, checked against this network's
+        primary output on ``probe`` (default: the example inputs); see :func:`auxwrap.deploy.detach_primary`."""
         from .deploy import detach_primary
 
-        return detach_primary(self)
+        return detach_primary(self, probe)
 
     def switch_to_deploy(self) -> None:
         """In place, as RepVGG / timm's ``reparameterize_model`` expect: from now on this module runs the
@@ -151,6 +172,60 @@ class FusedNet(nn.Module):
         window = f", window={self.window} ({self.window_form})" if hasattr(self, "window_form") else ""
         return (f"mode={self.mode!r}, auxiliaries={n_aux}, connections={len(self._links)} "
                 f"({to_primary} into the primary){window}")
+
+
+def _moved_like(fn: Callable[[torch.Tensor], torch.Tensor], value: object) -> object:
+    """``value`` on the device and in the dtype ``fn`` gives a tensor like it; ``fn`` runs on an empty
+    tensor only, so functions that do not keep values (``to_empty``) leave the values as they were."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    moved = fn(torch.empty(0, dtype=value.dtype, device=value.device))
+    return value.to(device=moved.device, dtype=moved.dtype)
+
+
+# ---------------------------------------------------------------------- graphs in a flat, picklable form
+
+@dataclasses.dataclass(frozen=True)
+class _NodeRef:
+    """A node of the same graph, by name, in a stored node's arguments (not a tuple: map_aggregate
+    would go inside one)."""
+
+    name: str
+
+
+def _graph_state(graph: fx.Graph) -> dict[str, Any]:
+    """``graph`` as a flat list of nodes (op, name, target, arguments with nodes named, type, meta):
+    pickles without recursing along the node list; :func:`_graph_from_state` rebuilds it."""
+    nodes = [(n.op, n.name, n.target, fx.map_arg(n.args, lambda a: _NodeRef(a.name)),
+              fx.map_arg(n.kwargs, lambda a: _NodeRef(a.name)), n.type, dict(n.meta)) for n in graph.nodes]
+    return {"nodes": nodes, "codegen": graph._codegen}
+
+
+def _graph_from_state(state: dict[str, Any]) -> fx.Graph:
+    """The graph :func:`_graph_state` stored: the same nodes, names, arguments, types and meta."""
+    graph = fx.Graph()
+    graph._codegen = state["codegen"]
+    env: dict[str, fx.Node] = {}
+
+    def resolve(value: object) -> object:
+        return env[value.name] if isinstance(value, _NodeRef) else value
+
+    for op, name, target, args, kwargs, type_expr, meta in state["nodes"]:
+        node = graph.create_node(op, target, map_aggregate(args, resolve), map_aggregate(kwargs, resolve),
+                                 name=name, type_expr=type_expr)
+        node.meta = meta
+        env[name] = node
+    return graph
+
+
+def unwrap(net: nn.Module, argument: str = "net") -> FusedNet:
+    """The :class:`FusedNet` inside ``net`` (itself, or the ``.module`` of a DDP/DataParallel wrapper)."""
+    inner = net.module if isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else net
+    if not isinstance(inner, FusedNet):
+        raise AuxwrapArgumentError(
+            f"{argument} must be the FusedNet that auxwrap.attach() returns (or a DistributedDataParallel "
+            f"wrapping it), got {type(net).__name__}.")
+    return inner
 
 
 class _DeploySwitch(nn.Module):

@@ -1,6 +1,9 @@
 import math
+import re
 import tempfile
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import timm
 import timm.layers
@@ -306,3 +309,210 @@ def test_flops_command(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| original primary | 0.2" in out and "| deployed primary | 0.2" in out
+
+
+# ---------------------------------------------------------------------- the deployed module is checked
+
+class _Mean(nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+class _Max(nn.Module):
+    def forward(self, x):
+        return x.amax((2, 3))
+
+
+class PoolNet(ResidualNet):
+    """ResidualNet with its pooling as a submodule that fx traces through (its ops land in the graph) and a
+    Python flag read at trace time."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool, self.scale_logits = _Mean(), False
+
+    def forward(self, x):
+        x = self.block4(self.block3(self.down(self.block2(self.block1(torch.relu(self.stem(x)))))))
+        logits = self.head(self.pool(x))
+        return logits * 2 if self.scale_logits else logits
+
+
+def _replace_pool(model):
+    model.pool = _Max()
+
+
+def _set_flag(model):
+    model.scale_logits = True
+
+
+@pytest.mark.parametrize("change", [_replace_pool, _set_flag])
+@pytest.mark.parametrize("mode", ["grad", "nas"])
+def test_deploy_refuses_a_primary_that_no_longer_computes_what_the_fused_network_trained(mode, change):
+    x = torch.randn(2, 3, 16, 16)
+    primary = PoolNet()
+    net = auxwrap.attach(primary, PoolNet(), mode, example_inputs=(x,)).train()
+    change(primary)  # after attach() returned: the fused network still runs the graph traced before
+    gates = [c.gate for c in net.connections()]
+    for deploy in (auxwrap.prune, auxwrap.deploy.detach_primary, lambda n: n.detach_primary()):
+        with pytest.raises(auxwrap.deploy.AuxwrapDeployError) as info:
+            deploy(net)
+        message = str(info.value)
+        differs = float(message.split("differs from the fused network's primary output by ")[1].split(" ")[0])
+        assert differs > 0.1
+        assert "above 1e-05 for torch.float32" in message and "re-run auxwrap.attach()" in message
+    assert [c.gate for c in net.connections()] == gates  # nothing cut
+    assert all(m.training for m in net.modules())      # the mode it was in
+
+
+def test_the_deployed_module_carries_its_measured_difference():
+    x = torch.randn(2, 3, 16, 16)
+    net = auxwrap.attach(ResidualNet(), ResidualNet(), "grad", example_inputs=(x,))
+    _train_steps(net, x)
+    deployed = auxwrap.prune(net, probe=torch.randn(3, 3, 16, 16))  # another batch size is a fine probe
+    assert 0.0 < deployed.relative_error <= 1e-5
+    assert auxwrap.deploy.deploy_tolerance(torch.float32) == 1e-5
+    assert auxwrap.deploy.deploy_tolerance(torch.float64) == 1e-5
+    assert auxwrap.deploy.deploy_tolerance(torch.bfloat16) == 8 * torch.finfo(torch.bfloat16).eps
+
+
+# ---------------------------------------------------------------------- arguments
+
+@pytest.mark.parametrize("tol", [float("nan"), float("inf"), -1, -1e-9, "a", None, True, np.bool_(True),
+                                 torch.tensor(1e-4)])
+def test_prune_refuses_a_tol_that_is_not_a_finite_number_at_least_zero(tol):
+    net, _ = _nas_net()
+    _contributing(net)
+    gates = [c.gate for c in net.connections()]
+    with pytest.raises(auxwrap.AuxwrapArgumentError, match=r"tol must be a finite number >= 0.*prune\(net, tol=1e-3\)"):
+        auxwrap.prune(net, tol=tol)
+    assert [c.gate for c in net.connections()] == gates
+
+
+@pytest.mark.parametrize("tol", [np.float32(10.0), np.float64(10.0), 10, Fraction(10)])
+def test_prune_takes_tol_as_any_real_number(tol):
+    net, _ = _nas_net()
+    _contributing(net)
+    auxwrap.prune(net, tol=tol)  # the change is far below 10
+    assert all(c.gate == 0.0 for c in net.connections() if c.direction == "aux->primary")
+
+
+def _contributing(net):
+    """Links into the primary whose cut changes its output by about 1e-3 (relative): above the default tol."""
+    with torch.no_grad():
+        for _, fusion in net.fusion_sites(dest_branch="primary"):
+            fusion.weight.weight.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("not_fused", [nn.Linear(2, 2), "x", None])
+@pytest.mark.parametrize("deploy", ["prune", "detach_primary"])
+def test_prune_and_detach_want_the_network_attach_returned(deploy, not_fused):
+    function = getattr(auxwrap.deploy, deploy)
+    with pytest.raises(auxwrap.AuxwrapArgumentError,
+                       match=rf"{deploy}\(net\): net must be the FusedNet that auxwrap.attach\(\) returns.*got "
+                             rf"{type(not_fused).__name__}"):
+        function(not_fused)
+
+
+@pytest.mark.parametrize("mode", ["grad", "nas"])
+@pytest.mark.parametrize("deploy", ["prune", "detach_primary"])
+def test_a_probe_unlike_the_example_inputs_is_named(mode, deploy):
+    x = torch.randn(2, 3, 16, 16)
+    net = auxwrap.attach(ResidualNet(), ResidualNet(), mode, example_inputs=(x,))
+    if deploy == "detach_primary":
+        auxwrap.deploy.cut_links(net)
+    function = getattr(auxwrap.deploy, deploy)
+    gates = [c.gate for c in net.connections()]
+    with pytest.raises(auxwrap.AuxwrapArgumentError, match=re.escape(
+            "the probe [(2, 4, 16, 16) float32 on cpu] is unlike the example inputs given to attach() "
+            "[(2, 3, 16, 16) float32 on cpu]")) as info:
+        function(net, probe=torch.randn(2, 4, 16, 16))
+    assert "leave probe=None" in str(info.value)
+    with pytest.raises(auxwrap.AuxwrapArgumentError, match=r"\[\(2, 3, 16, 16\) float64 on cpu\] is unlike"):
+        function(net, probe=x.double())
+    assert [c.gate for c in net.connections()] == gates
+
+
+# ---------------------------------------------------------------------- norms called at several sites
+
+class SharedNorm(nn.Module):
+    """One norm module called after two convs (as a timm BatchNormAct2d used twice stays one call_module)."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.conv1, self.conv2, self.norm = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), norm
+
+    def forward(self, x):
+        return self.norm(self.conv2(self.norm(self.conv1(x))))
+
+
+def _random_stats(norm):
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.normal_()
+        norm.bias.normal_()
+    return norm
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, timm.layers.BatchNormAct2d])
+def test_a_norm_module_called_at_two_sites_folds_into_each_conv(norm):
+    model = SharedNorm(_random_stats(norm(4))).eval()
+    gm = auxwrap.trace(model).graph_module
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["conv1", "norm", "conv2", "norm"]
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    report = fold_batchnorm(gm)
+    assert report.folded == [("norm", "conv1"), ("norm_1", "conv2")] and report.skipped == []
+    assert _relative_error(gm(x), expected) <= 1e-5
+    assert not any(isinstance(m, BN_TYPES) for m in gm.modules())
+    assert sum(isinstance(m, nn.ReLU) for m in gm.modules()) == (norm is timm.layers.BatchNormAct2d)
+
+
+def test_a_shared_norm_module_stays_where_a_site_cannot_fold():
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(4, 4, 3, padding=1), _random_stats(timm.layers.BatchNormAct2d(4))
+
+        def forward(self, x):
+            return self.norm(self.conv(x)) + self.norm(x * 2)
+
+    model = Mixed().eval()
+    gm = auxwrap.trace(model).graph_module
+    x = torch.randn(2, 4, 8, 8)
+    expected = model(x)
+    report = fold_batchnorm(gm)
+    assert report.folded == [("norm", "conv")]
+    assert report.skipped == [("norm_1", "its input is not a conv or linear layer")]
+    assert _relative_error(gm(x), expected) <= 1e-5
+    assert isinstance(gm.norm, timm.layers.BatchNormAct2d) and isinstance(gm.norm_act, nn.Sequential)
+
+
+def test_functional_batch_norm_on_statistics_used_at_two_sites_folds_into_each_conv():
+    class SharedStats(FunctionalBN):
+        def __init__(self):
+            super().__init__()
+            self.conv2 = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = F.batch_norm(self.conv(x), self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-5)
+            return y + F.batch_norm(self.conv2(x), self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-5)
+
+    model = SharedStats().eval()
+    gm = auxwrap.trace(model).graph_module
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    report = fold_batchnorm(gm)
+    assert [layer for _, layer in report.folded] == ["conv", "conv2"] and report.skipped == []
+    assert _relative_error(gm(x), expected) <= 1e-5
+    assert not any(n.target is F.batch_norm for n in gm.graph.nodes)
+    assert torch.equal(gm.mean, model.mean) and torch.equal(gm.var, model.var)  # read, not changed
+
+
+def test_prune_folds_a_batchnormact_called_at_two_sites_of_a_primary():
+    x = torch.randn(2, 3, 8, 8)
+    primary = SharedNorm(_random_stats(timm.layers.BatchNormAct2d(4)))
+    net = auxwrap.attach(primary, SharedNorm(timm.layers.BatchNormAct2d(4)), "grad", example_inputs=(x,),
+                         taps=["conv1", "conv2"])
+    deployed = auxwrap.prune(net)
+    assert deployed.relative_error <= 1e-5 and len(deployed.fold_report.folded) == 2
