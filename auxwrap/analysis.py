@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import AuxwrapArgumentError
-from .trace import Traced
+from .examples import device_and_dtype
+from .trace import Traced, kept_as_found
 
 NCHW, NHWC, TOKENS, VECTOR, OTHER = "nchw", "nhwc", "tokens", "vector", "other"
 
@@ -147,17 +148,38 @@ class _ValueRecorder(fx.Interpreter):
 
 
 def propagate(traced: Traced, example_inputs: tuple) -> dict[fx.Node, Value]:
-    """Run the graph once on ``example_inputs`` (eval mode, no grad) and record every node's output."""
+    """Run the graph once on ``example_inputs`` (eval mode, no grad) and record every node's output.
+
+    The user's model is left as found (:func:`auxwrap.trace.kept_as_found`): a graph that updates a
+    buffer in place (``self.calls.add_(1)``) changes nothing that outlives this run.
+    """
     recorder = _ValueRecorder(traced.graph_module)
     try:
-        with eval_mode(traced.graph_module), torch.no_grad():
+        with kept_as_found(traced.model), eval_mode(traced.graph_module), torch.no_grad():
             recorder.run(*example_inputs)
     except Exception as error:
+        cause = f"{type(error).__name__}: {error}"
+        mismatch = _dtype_mismatch(traced.model, example_inputs)
+        if mismatch is not None:
+            raise AuxwrapArgumentError(f"{traced.name}: {mismatch} It failed with {cause}") from error
         shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
         raise AuxwrapArgumentError(
-            f"{traced.name} failed on the example inputs {shapes}: {type(error).__name__}: {error}; "
+            f"{traced.name} failed on the example inputs {shapes}: {cause}; "
             "pass example_inputs that the model's forward() accepts.") from error
     return recorder.values
+
+
+def _dtype_mismatch(model: nn.Module, example_inputs: tuple) -> str | None:
+    """Where floating-point example inputs and the model's parameters differ in dtype: that, and the fix."""
+    if not any(p.is_floating_point() for p in model.parameters()):
+        return None
+    _, dtype = device_and_dtype(model)
+    given = sorted({str(x.dtype) for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()}
+                   - {str(dtype)})
+    if not given:
+        return None
+    return (f"the example inputs are {', '.join(given)} but its parameters are {dtype}; pass example_inputs of "
+            f"that dtype (x.to({dtype})), or convert every model to one dtype with .to(dtype) before attach().")
 
 
 def layout_of(traced: Traced, node: fx.Node, shape: tuple[int, ...] | None) -> str:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .analysis import VECTOR
-from .errors import AuxwrapArgumentError
+from .errors import AuxwrapArgumentError, is_integer
 from .fusion import Point, resize_map, to_map
 
 ADAPTORS = ("1x1", "3x3")
@@ -50,7 +50,7 @@ class AuxModule(nn.Module):
         head = "classifier" if head is None else head
         if isinstance(head, str):
             _check_choice("head", head, HEADS)
-            if not isinstance(num_outputs, int) or isinstance(num_outputs, bool) or num_outputs < 1:
+            if not is_integer(num_outputs) or num_outputs < 1:
                 raise AuxwrapArgumentError(
                     f"AuxModule(head={head!r}) needs num_outputs, a positive int (classes or output channels), "
                     f"got {num_outputs!r}; or pass your own head module.")
@@ -58,7 +58,7 @@ class AuxModule(nn.Module):
             raise AuxwrapArgumentError(f"head must be 'classifier', 'dense' or an nn.Module, got {head!r}.")
         _check_choice("adaptor", adaptor, ADAPTORS)
         _check_choice("aggregate", aggregate, AGGREGATES)
-        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
+        if not is_integer(hidden) or hidden < 1:
             raise AuxwrapArgumentError(f"hidden must be a positive int, got {hidden!r}.")
         self.num_outputs, self.head_kind, self.adaptor_kind = num_outputs, head, adaptor
         self.aggregate, self.hidden, self.taps = aggregate, hidden, taps

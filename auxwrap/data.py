@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from .errors import AuxwrapArgumentError
+from .errors import AuxwrapArgumentError, is_integer, is_real
 
 __all__ = [
     "AUX_CLASSES",
@@ -77,7 +77,7 @@ def _check_split(split: str) -> int:
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise AuxwrapArgumentError(f"{name}={value!r}: expected an int >= {minimum}")
     return int(value)
 
@@ -240,7 +240,7 @@ def _vec3(name: str, value: Sequence[float]) -> tuple[float, float, float]:
 
 
 def _positive(name: str, value: float) -> float:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (is_real(value) and math.isfinite(value) and value > 0):
         raise AuxwrapArgumentError(f"{name}={value!r}: expected a positive number")
     return float(value)
 
@@ -309,9 +309,9 @@ class Camera:
 
     def __post_init__(self):
         _positive("height", self.height)
-        if not (isinstance(self.fov, (int, float)) and 0 < self.fov < 150):
+        if not (is_real(self.fov) and 0 < self.fov < 150):
             raise AuxwrapArgumentError(f"fov={self.fov!r}: expected degrees in (0, 150)")
-        if not (isinstance(self.pitch, (int, float)) and 0 <= self.pitch < 90 - self.fov / 2):
+        if not (is_real(self.pitch) and 0 <= self.pitch < 90 - self.fov / 2):
             raise AuxwrapArgumentError(f"pitch={self.pitch!r}: expected degrees in [0, 90 - fov/2)")
 
     def rotation(self) -> torch.Tensor:

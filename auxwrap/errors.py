@@ -1,9 +1,22 @@
 """The errors auxwrap raises: one base class, one subclass per step of the way through the code.
 
-Every message names the module, fusion point or argument at fault and the fix to try.
+Every message names the module, fusion point or argument at fault and the fix to try. Also here: what
+counts as a number in an argument (:func:`is_integer`, :func:`is_real`), the one rule every check uses.
 """
 
 from __future__ import annotations
+
+import numbers
+
+
+def is_integer(value: object) -> bool:
+    """An integer of any kind: ``int`` and numpy's integer scalars (``numbers.Integral``), never a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """A real number of any kind: ``int``, ``float``, numpy's scalars (``numbers.Real``), never a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 class AuxwrapError(Exception):

@@ -23,6 +23,12 @@ def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
             f"cannot infer example inputs for {type(model).__name__} (it has no timm pretrained_cfg "
             "input_size); pass example_inputs=(torch.randn(2, 3, H, W),) with the shape its forward() takes.")
     generator = torch.Generator().manual_seed(0)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    return (torch.randn(EXAMPLE_BATCH, *size, generator=generator).to(device),)
+    device, dtype = device_and_dtype(model)
+    return (torch.randn(EXAMPLE_BATCH, *size, generator=generator).to(device=device, dtype=dtype),)
+
+
+def device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a model computes and in which float type: those of its first floating-point parameter
+    (CPU, float32 for a model without one). Inputs, fusion modules and branches must match it."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)

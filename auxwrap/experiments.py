@@ -49,7 +49,7 @@ from . import data, mto
 from .attach import DEFAULT_ALPHA_INIT, attach
 from .auxmodule import AuxModule
 from .deploy import fold_module, prune
-from .errors import AuxwrapArgumentError
+from .errors import AuxwrapArgumentError, is_integer
 from .flops import count_flops, count_parameters
 from .fused import FusedNet
 from .fusion import DEFAULT_GATE
@@ -652,14 +652,14 @@ def _check(task: str | Task, method: str, config: Config) -> None:
         raise AuxwrapArgumentError(f"task={task!r}: expected one of {TASKS}")
     for name in ("epochs", "batch_size", "width", "blocks"):
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_integer(value) or value < 1:
             raise AuxwrapArgumentError(f"Config.{name}={value!r}: expected an int >= 1")
     if config.mto not in mto.METHODS:
         raise AuxwrapArgumentError(f"Config.mto={config.mto!r}: expected one of {mto.METHODS}")
     if config.protocol not in PROTOCOLS:
         raise AuxwrapArgumentError(f"Config.protocol={config.protocol!r}: expected one of {PROTOCOLS}")
     epochs = config.pretrain_epochs
-    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+    if epochs is not None and (not is_integer(epochs) or epochs < 1):
         raise AuxwrapArgumentError(f"Config.pretrain_epochs={epochs!r}: expected None (as many as epochs) or an "
                                    "int >= 1")
 

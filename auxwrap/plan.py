@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .analysis import NCHW, NHWC, TOKENS, VECTOR
-from .errors import AuxwrapArgumentError, AuxwrapTapError
+from .errors import AuxwrapArgumentError, AuxwrapTapError, is_integer
 from .taps import Tap
 
 PRIMARY = "primary"
@@ -72,9 +72,11 @@ def check_mode(mode: object) -> str:
 
 
 def check_window(window: object) -> int:
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise AuxwrapArgumentError(f"window must be a positive int (the paper uses 3), got {window!r}.")
-    return window
+    """``window`` as an int: any positive integer, numpy's included (:func:`auxwrap.errors.is_integer`)."""
+    if not is_integer(window) or window < 1:
+        raise AuxwrapArgumentError(
+            f"window must be a positive integer, got {window!r}; pass e.g. window=3 (the paper's).")
+    return int(window)
 
 
 def check_window_form(window_form: object) -> str:
@@ -100,7 +102,7 @@ def plan(taps: dict[str, list[Tap]], mode: str, window: int = 3,
     ``taps`` maps branch names (``"primary"``, ``"aux0"``, ``"aux1"``...) to their ordered points.
     """
     check_mode(mode)
-    check_window(window)
+    window = check_window(window)
     check_window_form(window_form)
     connections = []
     for branch, aux_taps in taps.items():
@@ -110,7 +112,7 @@ def plan(taps: dict[str, list[Tap]], mode: str, window: int = 3,
         if mode == "nas":
             pair += _links(aux_taps, taps[PRIMARY], branch, PRIMARY, TO_PRIMARY, window, window_form)
         if not pair:
-            raise AuxwrapPairingError(_unpairable_message(taps[PRIMARY], aux_taps, branch, window_form))
+            raise AuxwrapPairingError(_unpairable_message(taps[PRIMARY], aux_taps, branch, mode, window, window_form))
         connections += pair
     return connections
 
@@ -148,27 +150,42 @@ def group_of(dest_index: int, n_dest: int, n_source: int, window: int) -> int:
     return deepest // window if deepest >= 0 else -1
 
 
+def _windowed(sources: list[Tap], dests: list[Tap], window: int, window_form: str) -> list[tuple[Tap, Tap, str]]:
+    """Every (source, destination, how it is read) the window joins, whether or not their layouts fuse."""
+    return [(sources[j], dest, reads) for i, dest in enumerate(dests)
+            for j, reads in window_of(i, len(dests), len(sources), window, window_form)]
+
+
 def _links(sources: list[Tap], dests: list[Tap], source_branch: str, dest_branch: str, direction: str,
            window: int, window_form: str) -> list[Connection]:
-    links = []
-    for i, dest in enumerate(dests):
-        for j, reads in window_of(i, len(dests), len(sources), window, window_form):
-            if can_pair(sources[j], dest):
-                links.append(Connection(source_branch, sources[j].name, dest_branch, dest.name, direction,
-                                        reads=reads))
-    return links
+    return [Connection(source_branch, source.name, dest_branch, dest.name, direction, reads=reads)
+            for source, dest, reads in _windowed(sources, dests, window, window_form) if can_pair(source, dest)]
 
 
-def _unpairable_message(primary: list[Tap], aux: list[Tap], branch: str, window_form: str) -> str:
-    def layouts(taps: list[Tap]) -> str:
-        return ", ".join(sorted({t.layout for t in taps}))
+def _unpairable_message(primary: list[Tap], aux: list[Tap], branch: str, mode: str, window: int,
+                        window_form: str) -> str:
+    """Why no connection joins the primary and ``branch``, by case (layouts, window, depth), with its fix."""
+    def points(taps: list[Tap]) -> str:
+        return f"{len(taps)} point{'' if len(taps) == 1 else 's'}: {', '.join(sorted({t.layout for t in taps}))}"
 
-    if any(can_pair(p, a) for p in primary for a in aux):  # the layouts fit, the window reads none of them
-        why = ("'paper' reads only strictly shallower points, so a branch of one point feeds nothing"
-               if window_form == "paper" else "the points each one reads cannot be paired")
-        return (f"no connection between the primary ({len(primary)} points: {layouts(primary)}) and {branch} "
-                f"({len(aux)} points: {layouts(aux)}) with window_form={window_form!r}: {why}. Pass taps=... naming "
-                f"more points, or another window_form ({', '.join(WINDOW_FORMS)}).")
-    return (f"the fusion points of the primary ({layouts(primary)}) and of {branch} ({layouts(aux)}) cannot be "
-            f"paired: maps and tokens fuse with each other, vectors only with vectors. Pass taps=... naming "
-            f"points with spatial outputs in both, e.g. taps={{'primary': [...], '{branch}': [...]}}.")
+    sides = f"the primary ({points(primary)}) and {branch} ({points(aux)})"
+    by_hand = f"taps={{'primary': [...], '{branch}': [...]}}"
+    if not any(can_pair(p, a) for p in primary for a in aux):  # no two points of any depths fuse
+        return (f"no fusion point of {sides} can be paired with any of the other: maps and tokens fuse with each "
+                f"other, vectors only with vectors, other layouts with nothing. Pass {by_hand} naming points "
+                "with feature-map or token outputs (or vectors) in both.")
+    directions = [(primary, aux, PRIMARY, branch)] + ([(aux, primary, branch, PRIMARY)] if mode == "nas" else [])
+    joined = [(s_branch, source, d_branch, dest) for sources, dests, s_branch, d_branch in directions
+              for source, dest, _ in _windowed(sources, dests, window, window_form)]
+    if not joined:  # only "paper" can read nothing: a source branch of one point has nothing strictly shallower
+        return (f"no connection between {sides} with window_form='paper': 'paper' reads only strictly shallower "
+                "points of the other branch (point i of n sits at depth (i + 1) / n), and a source branch of one "
+                "point has none. Pass taps=... naming more points, or window_form='code' (which also reads the "
+                "point at the same depth).")
+    shown = "; ".join(f"{d_branch} {dest.describe()} reads {s_branch} {source.describe()}"
+                      for s_branch, source, d_branch, dest in joined[:3])
+    more = f"; and {len(joined) - 3} more" if len(joined) > 3 else ""
+    return (f"no connection between {sides}: the points the window pairs by relative depth (window={window}, "
+            f"window_form={window_form!r}) have layouts that do not fuse ({shown}{more}); maps and tokens fuse "
+            f"with each other, vectors only with vectors. Pass {by_hand} so that points of fusable layouts sit at "
+            "matching depths in both branches (e.g. leave out the vector points), or a larger window.")

@@ -6,7 +6,11 @@ registries are applied automatically, so every model timm itself can trace trace
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +22,107 @@ from .errors import AuxwrapArgumentError, AuxwrapTraceError
 
 #: ``node.meta`` key holding the dotted path of the module that owns the node ("" for the root).
 MODULE_PATH = "auxwrap_module_path"
+
+
+@dataclass(frozen=True)
+class _Guarding:
+    """What the enclosing :func:`kept_as_found` blocks restore: the ids of their modules (nested blocks leave
+    those to them), and the (module id, attribute) pairs added meanwhile that all of them keep."""
+
+    modules: frozenset[int]
+    kept: set[tuple[int, str]]
+
+
+_GUARDING: ContextVar[_Guarding | None] = ContextVar("auxwrap_guarding", default=None)
+
+#: instance attributes restored by content, in place: the parameter, buffer, submodule and hook tables
+#: and the user's own lists, dicts and sets (``self.history.append(y)`` in a forward)
+_CONTAINERS = (list, dict, OrderedDict, set)
+
+
+@contextlib.contextmanager
+def kept_as_found(*models: nn.Module) -> Iterator[None]:
+    """Leave every module of ``models`` as found on the way out of the block, also when it fails.
+
+    Tracing runs each ``forward`` on proxies and shape propagation on example inputs; a forward may
+    store attributes (``self.last = y`` would keep an fx Proxy), add new ones, append to its lists or
+    update buffers in place (``self.calls.add_(1)``). Restored for each module: its instance
+    ``__dict__`` (the same objects under the same keys, keys added meanwhile removed, training flag
+    included), the former contents of its lists, dicts and sets (parameter, buffer and submodule
+    tables too), and the values of the tensors held there, copied back in place so that each tensor
+    keeps its identity. The values are cloned on the way in: it costs one copy of the models' state.
+    Kept: attributes added meanwhile and named to :func:`keep_attribute` (torch.fx's tensor constants).
+    """
+    outer = _GUARDING.get() or _Guarding(frozenset(), set())
+    modules = {id(m): m for model in models for m in model.modules() if id(m) not in outer.modules}
+    states = [_ModuleState(m) for m in modules.values()]
+    values = _TensorValues(t for state in states for t in state.tensors())
+    token = _GUARDING.set(_Guarding(outer.modules | modules.keys(), outer.kept))
+    try:
+        yield
+    finally:
+        _GUARDING.reset(token)
+        for state in states:
+            state.restore(outer.kept)
+        values.restore()
+
+
+def keep_attribute(module: nn.Module, name: str) -> None:
+    """Let attribute ``name``, added to ``module`` inside :func:`kept_as_found` blocks, outlive all of them."""
+    guarding = _GUARDING.get()
+    if guarding is not None:
+        guarding.kept.add((id(module), name))
+
+
+def _members(value: object) -> Iterator[object]:
+    """A value and, where it is a list, dict or set, what it holds (one level down)."""
+    yield value
+    if type(value) in _CONTAINERS:
+        yield from (value.values() if isinstance(value, dict) else value)
+
+
+class _ModuleState:
+    """One module's instance attributes and the contents of its containers, as they were."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.attributes = dict(vars(module))
+        self.contents = {k: v.copy() for k, v in self.attributes.items() if type(v) in _CONTAINERS}
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        for value in self.attributes.values():
+            yield from (v for v in _members(value) if isinstance(v, torch.Tensor))
+
+    def restore(self, kept: set[tuple[int, str]]) -> None:
+        current = vars(self.module)
+        for key in [k for k in current if k not in self.attributes and (id(self.module), k) not in kept]:
+            del current[key]
+        current.update(self.attributes)
+        for key, content in self.contents.items():
+            container = self.attributes[key]
+            if isinstance(container, list):
+                container[:] = content
+            else:
+                container.clear()
+                container.update(content)
+
+
+class _TensorValues:
+    """The values of some tensors (each once), to copy back into the same tensor objects."""
+
+    def __init__(self, tensors: Iterable[torch.Tensor]):
+        lazy = nn.parameter.UninitializedTensorMixin  # no value yet: a lazy module's first run gives it one
+        unique = {id(t): t for t in tensors if not t.is_meta and not isinstance(t, lazy)}
+        with torch.no_grad():
+            self.saved = [(t, t.detach().clone()) for t in unique.values()]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for tensor, value in self.saved:
+                if (tensor.shape, tensor.dtype, tensor.device) != (value.shape, value.dtype, value.device):
+                    tensor.data = value  # resized or moved in place: the object keeps its identity
+                elif not torch.equal(tensor, value):
+                    tensor.copy_(value)
 
 
 @dataclass
@@ -80,6 +185,7 @@ class _PathTracer(fx.Tracer):
         self._leaf_types = leaf_modules
         self._current_path = ""
         self.failed_at: tuple[str, type] | None = None
+        self.stowed: list[str] = []  # attributes torch.fx adds to the root to hold constants the graph reads
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self._leaf_types) or super().is_leaf_module(m, module_qualified_name)
@@ -95,6 +201,11 @@ class _PathTracer(fx.Tracer):
             raise
         finally:
             self._current_path = outer
+
+    def get_fresh_qualname(self, prefix: str) -> str:
+        name = super().get_fresh_qualname(prefix)
+        self.stowed.append(name)  # torch.fx then stores a tensor constant under it on the root
+        return name
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:  # noqa: ANN001
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
@@ -119,7 +230,12 @@ def trace(
         concrete_args: values for ``forward`` arguments that drive Python control flow.
         training: trace as in train (True) or eval (False) mode; Python code that reads
             ``self.training`` (timm's DropPath) is baked into the graph. Default: the current mode.
-            Every module's flag is restored afterwards.
+
+    The model is left as found (:func:`kept_as_found`): training flags, attributes, buffers. A forward
+    that stores attributes (they would hold fx Proxies) or updates buffers in place outside the graph
+    (torch.fx runs ``self.calls.add_(1)`` on the buffer itself) gets a warning naming them: the graph
+    does not replay either. Only torch.fx's own ``_tensor_constant<N>`` attributes are added to the
+    model, where its forward creates tensor constants: the graph reads them from there.
 
     Raises:
         AuxwrapArgumentError: ``model`` is not a traceable ``nn.Module`` or an option is malformed.
@@ -129,19 +245,40 @@ def trace(
     leaves = _check_leaf_modules(leaf_modules) + default_leaf_modules()
     wrapped = _check_functions(autowrap_functions) + default_autowrap_functions()
     tracer = _PathTracer(leaves, wrapped)
-    flags = {m: m.training for m in model.modules()}
-    if training is not None:
-        model.train(training)
-    try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
-        graph_module = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
-        return Traced(model=model, graph_module=graph_module, training=model.training)
-    except Exception as error:  # torch.fx raises TraceError, TypeError, RuntimeError, ...
-        path, cls = tracer.failed_at or ("", type(model))
-        raise AuxwrapTraceError(_trace_failure_message(model, path, cls, error), path, cls) from error
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
+    versions = {name: (buffer, buffer._version) for name, buffer in model.named_buffers()}
+    with kept_as_found(model):
+        if training is not None:
+            model.train(training)
+        traced_training = model.training
+        try:
+            graph = tracer.trace(model, concrete_args=concrete_args)
+            graph_module = fx.GraphModule(model, graph, class_name=f"Traced{type(model).__name__}")
+        except Exception as error:  # torch.fx raises TraceError, TypeError, RuntimeError, ...
+            path, cls = tracer.failed_at or ("", type(model))
+            raise AuxwrapTraceError(_trace_failure_message(model, path, cls, error), path, cls) from error
+        stored = _proxies_stored(model)
+        # torch.fx does not proxy buffers: ``self.calls.add_(1)`` runs on the buffer itself, outside the graph
+        updated = [name for name, (buffer, version) in versions.items() if buffer._version != version]
+        for name in tracer.stowed:  # the graph, and a fused network built from it, reads them from the model
+            keep_attribute(model, name)
+    if stored or updated:
+        warnings.warn(_side_effects_message(model, stored, updated), stacklevel=2)
+    return Traced(model=model, graph_module=graph_module, training=traced_training)
+
+
+def _proxies_stored(model: nn.Module) -> list[str]:
+    """``self.<name>`` attributes (dotted from the model) that hold an fx Proxy: stored while traced."""
+    return [f"{path}.{key}" if path else key for path, module in model.named_modules()
+            for key, value in vars(module).items() if any(isinstance(v, fx.Proxy) for v in _members(value))]
+
+
+def _side_effects_message(model: nn.Module, stored: list[str], updated: list[str]) -> str:
+    effects = ([f"stores {', '.join(stored)}"] if stored else []) + (
+        [f"updates the buffers {', '.join(updated)} in place with values the graph does not compute"] if updated
+        else [])
+    return (f"{type(model).__name__}.forward {' and '.join(effects)}; the traced graph (and so a fused network) "
+            "does not replay this: these attributes and buffers are left as they were before tracing, and "
+            "running the graph will not update them. Return such values from forward() instead.")
 
 
 def _check_model(model: object) -> None:
@@ -172,7 +309,8 @@ def _check_functions(functions: Iterable[Callable]) -> tuple[Callable, ...]:
     for function in functions:
         if not callable(function):
             raise AuxwrapArgumentError(
-                f"autowrap_functions must hold module-level functions, got {function!r}.")
+                f"autowrap_functions must hold module-level functions, got {function!r}; pass the functions "
+                "themselves, e.g. autowrap_functions=[my_function].")
     return functions
 
 

@@ -1,6 +1,8 @@
 import copy
 import pickle
+import warnings
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -9,8 +11,10 @@ from torch import nn
 
 import auxwrap
 from auxwrap.build import BRANCH, entry_node, read_node
-from auxwrap.plan import BEFORE, OUTPUT, TO_AUX, TO_PRIMARY, WINDOW_FORMS, sources_of
+from auxwrap.plan import BEFORE, OUTPUT, TO_AUX, TO_PRIMARY, WINDOW_FORMS, plan, sources_of
+from auxwrap.taps import Tap
 
+from .test_trace import Recording, WithGate, assert_as_found, snapshot
 from .zoo import ARCHS, PAIRS, DictNet, ResidualNet, make
 
 tv = torchvision.models
@@ -20,16 +24,6 @@ def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
     return next(iter(out.values())) if isinstance(out, dict) else out[0]
-
-
-def _snapshot(*models):
-    return [({k: v.clone() for k, v in m.state_dict().items()},
-             [(n, type(x), x.training) for n, x in m.named_modules()],
-             [id(p) for p in m.parameters()]) for m in models]
-
-
-def _same(a, b):
-    return a.shape == b.shape if a.is_meta else torch.equal(a, b)
 
 
 def _assert_primary_equals_original(net, primary, x):
@@ -359,89 +353,245 @@ def test_example_inputs_inferred_for_timm_models():
     assert net.taps["primary"][0].shape == (2, 64, 56, 56)
 
 
-# ---------------------------------------------------------------------------- bad input
-
-
-def _refused(error, match, primary, aux, *args, **kwargs):
-    models = [primary] + (list(aux) if isinstance(aux, (list, tuple)) else [aux])
-    models = [m for m in models if isinstance(m, nn.Module)]
-    before = _snapshot(*models)
-    with pytest.raises(error, match=match):
-        auxwrap.attach(primary, aux, *args, **kwargs)
-    after = _snapshot(*models)
-    for (state_a, mods_a, ids_a), (state_b, mods_b, ids_b) in zip(before, after, strict=True):
-        assert mods_a == mods_b and ids_a == ids_b
-        assert all(_same(state_a[k], v) for k, v in state_b.items())
-
+# ---------------------------------------------------------------------------- the user's modules stay theirs
 
 X16 = (torch.randn(2, 3, 16, 16),)
 
 
-def test_same_instance_as_primary_and_auxiliary_is_refused():
-    model = ResidualNet()
-    _refused(auxwrap.AuxwrapArgumentError, "aux0 is the same module instance as the primary", model, model,
-             example_inputs=X16)
-    other = ResidualNet()
-    _refused(auxwrap.AuxwrapArgumentError, "aux1 is the same module instance as another auxiliary",
-             model, [other, other], example_inputs=X16)
+@pytest.mark.parametrize("mode", ["grad", "nas"])
+def test_attach_leaves_the_users_modules_as_it_found_them(mode):
+    # forwards that store their output, append to a list, set a new attribute and update buffers in place
+    primary, aux = Recording(), Recording().eval()
+    before = snapshot(primary, aux)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = auxwrap.attach(primary, aux, mode, example_inputs=X16)
+    assert_as_found(before, primary, aux)
+    assert any("stores last_features, history, first_seen and updates the buffers calls, tally.total in place"
+               in str(w.message) for w in caught)  # the fused network will not replay those
+    for model in (primary, aux):
+        assert model.calls.item() == 0 and model.tally.total.item() == 0  # run by no check
+        assert model.last_features is None and model.history == [] and not hasattr(model, "first_seen")
+    pickle.loads(pickle.dumps(primary))  # no fx Proxy left behind
+    clone = pickle.loads(pickle.dumps(net))
+    _train_steps(net, X16[0], steps=1)  # the network works on the restored modules
+    clone.eval()
+    assert torch.equal(clone(X16[0]).primary, clone.primary(X16[0]))
 
 
-def test_shared_parameters_are_refused():
-    primary, aux = ResidualNet(), ResidualNet()
-    aux.head = primary.head
-    _refused(auxwrap.AuxwrapArgumentError, "aux0 parameter 'head.weight' is the same tensor as primary parameter",
-             primary, aux, example_inputs=X16)
-
-
-def test_branches_on_different_devices_are_refused():
-    primary, aux = ResidualNet(), ResidualNet().to("meta")
-    _refused(auxwrap.AuxwrapArgumentError, r"different devices \(primary on cpu, aux0 on meta\)", primary, aux,
-             example_inputs=X16)
-
-
-@pytest.mark.parametrize("mode", ["Aux-NAS", "", None])
-def test_unknown_mode_is_refused(mode):
-    _refused(auxwrap.AuxwrapArgumentError, "unknown mode", ResidualNet(), ResidualNet(), mode, example_inputs=X16)
-
-
-def test_points_that_cannot_be_paired_are_refused():
-    # the primary's points are vectors, the auxiliary's maps
-    class Mlp(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2, self.fc3 = nn.Linear(768, 16), nn.Linear(16, 16), nn.Linear(16, 2)
-
-        def forward(self, x):
-            return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
-
-    _refused(auxwrap.AuxwrapPairingError, r"primary \(vector\) and of aux0 \(nchw\) cannot be paired",
-             Mlp(), ResidualNet(), example_inputs=X16)
-
-
-def test_missing_example_inputs_are_asked_for():
-    _refused(auxwrap.AuxwrapArgumentError, r"cannot infer example inputs for ResidualNet.*example_inputs=",
-             ResidualNet(), ResidualNet())
-
-
-def test_auxiliary_that_does_not_take_the_primarys_inputs():
-    grey = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
-    _refused(auxwrap.AuxwrapArgumentError, r"aux0: Sequential failed on the example inputs \[\(2, 3, 16, 16\)\]",
-             ResidualNet(), grey, example_inputs=X16)
-
-
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"window": 0}, "window must be a positive int"),
-    ({"alpha_init": 1.5}, r"alpha_init must be a gate value in \[0, 1\]"),
-    ({"alpha_init": (0.1, 0.2, 0.3)}, r"or a pair \(aux_to_primary, primary_to_aux\)"),
-    ({"taps": {"aux7": "layer"}}, r"taps has unknown branch keys \['aux7'\]"),
-    ({"taps": ["nope"]}, "unknown fusion point 'nope' in ResidualNet"),
+@pytest.mark.parametrize(("failure", "error"), [
+    ({"taps": ["block1", "nope"]}, auxwrap.AuxwrapTapError),                 # after both branches are traced
+    ({"taps": {"aux": ["head"]}}, auxwrap.AuxwrapPairingError),               # after shapes are propagated
+    ({"aux": WithGate}, auxwrap.AuxwrapTraceError),                          # while tracing the last branch
 ])
-def test_bad_options_are_refused(kwargs, match):
-    error = auxwrap.AuxwrapTapError if "nope" in str(kwargs) else auxwrap.AuxwrapArgumentError
-    _refused(error, match, ResidualNet(), ResidualNet(), example_inputs=X16, **kwargs)
+@pytest.mark.parametrize("mode", ["grad", "nas"])
+@pytest.mark.filterwarnings("ignore:Recording.forward stores")
+def test_failed_attach_leaves_the_users_modules_as_it_found_them(failure, error, mode):
+    options = dict(failure)
+    primary, aux = Recording(), [Recording(), options.pop("aux", Recording)()]
+    before = snapshot(primary, *aux)
+    with pytest.raises(error):
+        auxwrap.attach(primary, aux, mode, example_inputs=X16, **options)
+    assert_as_found(before, primary, *aux)
+    assert primary.calls.item() == 0 and not hasattr(primary, "first_seen")
 
 
-@pytest.mark.parametrize("aux", ["resnet", [], [ResidualNet(), "x"]])
-def test_bad_auxiliaries_are_refused(aux):
-    _refused(auxwrap.AuxwrapArgumentError, "aux must be an nn.Module or a non-empty sequence", ResidualNet(), aux,
-             example_inputs=X16)
+def test_a_module_list_is_a_sequence_of_auxiliaries():
+    first, second = ResidualNet(), ResidualNet()
+    net = auxwrap.attach(ResidualNet(), nn.ModuleList([first, second]), "nas", example_inputs=X16)
+    assert list(net.aux) == [first, second] and len(net(X16[0]).aux) == 2
+    assert {c.dest_branch for c in net.connections() if c.direction == TO_AUX} == {"aux0", "aux1"}
+
+
+def test_inferred_example_inputs_take_the_models_dtype():
+    model = ResidualNet().double()
+    model.pretrained_cfg = {"input_size": (3, 16, 16)}
+    (x,) = auxwrap.default_example_inputs(model)
+    assert x.dtype == torch.float64 and x.shape == (2, 3, 16, 16)
+
+
+def test_numpy_numbers_are_numbers():
+    net = auxwrap.attach(ResidualNet(), ResidualNet(), "nas", example_inputs=X16, window=np.int64(2),
+                         alpha_init=(np.float32(0.25), np.float64(0.5)))
+    assert net.window == 2 and type(net.window) is int
+    gates = {c.direction: round(c.gate, 6) for c in net.connections()}
+    assert gates == {TO_PRIMARY: 0.25, TO_AUX: 0.5}
+
+
+def test_pairing_errors_name_their_cause():
+    def points(layouts):
+        shapes = {"nchw": (2, 8, 4, 4), "vector": (2, 8), "other": (2, 8, 2, 2, 2)}
+        return [Tap(f"p{i}", f"p{i}", f"p{i}", shapes[lay], lay, "named") for i, lay in enumerate(layouts)]
+
+    def message(primary, aux, mode="nas", window=3, form="paper"):
+        with pytest.raises(auxwrap.AuxwrapPairingError) as info:
+            plan({"primary": points(primary), "aux0": points(aux)}, mode, window, form)
+        return str(info.value)
+
+    # both branches have maps, but the only map of aux0 sits where 'paper' reads nothing: depth pairing
+    depth = message(["nchw"] * 4, ["nchw", "vector", "vector", "vector"], mode="grad")
+    assert "points the window pairs by relative depth" in depth and "aux0 p1 (vector 8) reads primary p0" in depth
+    assert "maps and tokens fuse" in depth and "a branch of one point" not in depth
+    assert "leave out the vector points" in depth
+    one = message(["nchw"], ["nchw"])
+    assert "window_form='paper'" in one and "a source branch of one point has none" in one
+    assert "window_form='code'" in one and "1 point:" in one
+    layouts = message(["other"], ["nchw", "nchw"], form="code")
+    assert "no fusion point of the primary (1 point: other) and aux0 (2 points: nchw)" in layouts
+    assert "taps={'primary': [...], 'aux0': [...]}" in layouts
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+class Mlp(nn.Module):
+    """Vector points only: nothing to pair with a network of feature maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(768, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x.flatten(1))))))
+
+
+class CastsItsInput(ResidualNet):
+    """Runs in its parameters' dtype, whatever it is given: alone it works, fused with a float32 branch not."""
+
+    def forward(self, x):
+        return super().forward(x.to(self.stem.weight.dtype))
+
+
+def _net():
+    net = ResidualNet()
+    net.block2.eval()  # mixed training flags, to be kept
+    return net
+
+
+def _shared():
+    primary, aux = _net(), _net()
+    aux.head = primary.head
+    return primary, aux
+
+
+def _bound():
+    reader = auxwrap.AuxModule(num_outputs=10)
+    auxwrap.attach(_net(), reader, "grad", example_inputs=X16)
+    return reader
+
+
+_SAME = _net()
+_TWICE = _net()
+_FIX_ALPHA = "pass e.g. alpha_init=0.5"
+_FIX_AUX = "pass aux=model or aux=[model1, model2]"
+_FIX_WINDOW = "pass e.g. window=3"
+_FIX_DTYPE = "convert every model to one dtype with .to(dtype) before attach()"
+
+#: (case, call: a function returning (primary, aux, keyword arguments), error class, substrings of the message:
+#: the argument, module or tap at fault, and the fix to try). Positional mode "nas" unless the kwargs say.
+BAD_INPUT = [
+    ("primary-a-string", lambda: ("resnet", _net(), {}), auxwrap.AuxwrapArgumentError,
+     ["primary must be an nn.Module, got str", "pass the model instance"]),
+    ("primary-a-class", lambda: (ResidualNet, _net(), {}), auxwrap.AuxwrapArgumentError,
+     ["primary must be an nn.Module, got type", "not its class"]),
+    ("primary-a-module-list", lambda: (nn.ModuleList([_net()]), _net(), {}), auxwrap.AuxwrapArgumentError,
+     ["primary (ModuleList) has no forward()", "pass the model that runs"]),
+    ("aux-a-string", lambda: (_net(), "resnet", {}), auxwrap.AuxwrapArgumentError,
+     ["aux must be an nn.Module or a non-empty sequence", _FIX_AUX]),
+    ("aux-empty", lambda: (_net(), [], {}), auxwrap.AuxwrapArgumentError, ["got []", _FIX_AUX]),
+    ("aux-holds-a-string", lambda: (_net(), [_net(), "x"], {}), auxwrap.AuxwrapArgumentError,
+     ["aux must be an nn.Module", _FIX_AUX]),
+    ("aux-a-module-dict", lambda: (_net(), nn.ModuleDict({"seg": _net()}), {}), auxwrap.AuxwrapArgumentError,
+     ["aux is an nn.ModuleDict", "aux=list(modules.values())"]),
+    ("aux-without-forward", lambda: (_net(), [_net(), nn.Module()], {}), auxwrap.AuxwrapArgumentError,
+     ["aux1 (Module) has no forward()", "aux=[model1, model2]"]),
+    ("same-instance-as-primary", lambda: (_SAME, _SAME, {}), auxwrap.AuxwrapArgumentError,
+     ["aux0 is the same module instance as the primary", "copy.deepcopy(model)"]),
+    ("same-instance-twice", lambda: (_net(), [_TWICE, _TWICE], {}), auxwrap.AuxwrapArgumentError,
+     ["aux1 is the same module instance as another auxiliary", "copy.deepcopy(model)"]),
+    ("shared-parameters", lambda: (*_shared(), {}), auxwrap.AuxwrapArgumentError,
+     ["aux0 parameter 'head.weight' is the same tensor as primary parameter 'head.weight'", "pass a copy"]),
+    ("aux-module-already-bound", lambda: (_net(), _bound(), {"mode": "grad"}), auxwrap.AuxwrapArgumentError,
+     ["aux0 is an AuxModule already attached", "create a new AuxModule"]),
+    ("devices", lambda: (_net(), _net().to("meta"), {}), auxwrap.AuxwrapArgumentError,
+     ["different devices (primary on cpu, aux0 on meta)", "with .to(device) before attach()"]),
+    ("dtypes", lambda: (_net(), _net().double(), {}), auxwrap.AuxwrapArgumentError,
+     ["different dtypes (primary torch.float32, aux0 torch.float64)", _FIX_DTYPE, "aux.to(torch.float32)"]),
+    ("dtypes-aux-casts-its-input", lambda: (_net(), CastsItsInput().double(), {}), auxwrap.AuxwrapArgumentError,
+     ["different dtypes (primary torch.float32, aux0 torch.float64)", _FIX_DTYPE]),
+    ("dtypes-of-a-second-aux", lambda: (_net(), [_net(), CastsItsInput().double()], {}),
+     auxwrap.AuxwrapArgumentError, ["aux1 torch.float64", _FIX_DTYPE]),
+    ("dtype-of-example-inputs", lambda: (_net().double(), _net().double(), {}), auxwrap.AuxwrapArgumentError,
+     ["primary: ResidualNet: the example inputs are torch.float32 but its parameters are torch.float64",
+      "x.to(torch.float64)"]),
+    ("mode-unknown", lambda: (_net(), _net(), {"mode": "Aux-NAS"}), auxwrap.AuxwrapArgumentError,
+     ["unknown mode 'Aux-NAS'", "use mode='grad'"]),
+    ("mode-none", lambda: (_net(), _net(), {"mode": None}), auxwrap.AuxwrapArgumentError,
+     ["unknown mode None", "mode='nas'"]),
+    ("window-zero", lambda: (_net(), _net(), {"window": 0}), auxwrap.AuxwrapArgumentError,
+     ["window must be a positive integer, got 0", _FIX_WINDOW]),
+    ("window-float", lambda: (_net(), _net(), {"window": 2.0}), auxwrap.AuxwrapArgumentError,
+     ["window must be a positive integer, got 2.0", _FIX_WINDOW]),
+    ("window-bool", lambda: (_net(), _net(), {"window": True}), auxwrap.AuxwrapArgumentError,
+     ["got True", _FIX_WINDOW]),
+    ("window-numpy-negative", lambda: (_net(), _net(), {"window": np.int64(-1)}), auxwrap.AuxwrapArgumentError,
+     ["window must be a positive integer", _FIX_WINDOW]),
+    ("window-form", lambda: (_net(), _net(), {"window_form": "sliding"}), auxwrap.AuxwrapArgumentError,
+     ["unknown window_form 'sliding'", "use 'paper'"]),
+    ("gate", lambda: (_net(), _net(), {"gate": "relu"}), auxwrap.AuxwrapArgumentError,
+     ["gate='relu'", "use 'sigmoid'"]),
+    ("alpha-init-above-one", lambda: (_net(), _net(), {"alpha_init": 1.5}), auxwrap.AuxwrapArgumentError,
+     ["alpha_init must be a gate value in [0, 1]", "got 1.5", _FIX_ALPHA]),
+    ("alpha-init-in-grad-mode", lambda: (_net(), _net(), {"mode": "grad", "alpha_init": 7}),
+     auxwrap.AuxwrapArgumentError, ["alpha_init must be", "got 7", _FIX_ALPHA]),
+    ("alpha-init-triple", lambda: (_net(), _net(), {"alpha_init": (0.1, 0.2, 0.3)}), auxwrap.AuxwrapArgumentError,
+     ["or a pair (aux_to_primary, primary_to_aux)", _FIX_ALPHA]),
+    ("alpha-init-nan", lambda: (_net(), _net(), {"alpha_init": float("nan")}), auxwrap.AuxwrapArgumentError,
+     ["got nan", _FIX_ALPHA]),
+    ("alpha-init-bool", lambda: (_net(), _net(), {"alpha_init": True}), auxwrap.AuxwrapArgumentError,
+     ["got True", _FIX_ALPHA]),
+    ("alpha-init-string", lambda: (_net(), _net(), {"alpha_init": "0.5"}), auxwrap.AuxwrapArgumentError,
+     ["got '0.5'", _FIX_ALPHA]),
+    ("taps-branch-key", lambda: (_net(), _net(), {"taps": {"aux7": "layer"}}), auxwrap.AuxwrapArgumentError,
+     ["taps has unknown branch keys ['aux7']", "use 'primary', 'aux'"]),
+    ("taps-choice", lambda: (_net(), _net(), {"taps": "layers"}), auxwrap.AuxwrapArgumentError,
+     ["primary: taps='layers' is not a known choice for ResidualNet", "use 'layer', 'stage'"]),
+    ("taps-type", lambda: (_net(), _net(), {"taps": 5}), auxwrap.AuxwrapArgumentError,
+     ["taps for ResidualNet must be 'layer', 'stage' or a non-empty list of names, got 5"]),
+    ("taps-unknown-name", lambda: (_net(), _net(), {"taps": ["block1", "blok2"]}), auxwrap.AuxwrapTapError,
+     ["unknown fusion point 'blok2' in ResidualNet", "Closest names: block2", "Layer points: block1"]),
+    ("example-inputs-missing", lambda: (_net(), _net(), {"example_inputs": None}), auxwrap.AuxwrapArgumentError,
+     ["cannot infer example inputs for ResidualNet", "pass example_inputs=(torch.randn(2, 3, H, W),)"]),
+    ("example-inputs-type", lambda: (_net(), _net(), {"example_inputs": "x"}), auxwrap.AuxwrapArgumentError,
+     ["example_inputs for ResidualNet must be a tensor or a non-empty tuple", "example_inputs=(torch.randn("]),
+    ("aux-takes-other-inputs",
+     lambda: (_net(), nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU()), {}),
+     auxwrap.AuxwrapArgumentError,
+     ["aux0: Sequential failed on the example inputs [(2, 3, 16, 16)]", "pass example_inputs that"]),
+    ("leaf-modules", lambda: (_net(), _net(), {"leaf_modules": [nn.ReLU()]}), auxwrap.AuxwrapArgumentError,
+     ["leaf_modules must hold nn.Module classes, got ReLU()", "pass the class"]),
+    ("autowrap-functions", lambda: (_net(), _net(), {"autowrap_functions": ["relu"]}),
+     auxwrap.AuxwrapArgumentError, ["autowrap_functions must hold module-level functions, got 'relu'",
+                                    "autowrap_functions=[my_function]"]),
+    ("untraceable-aux", lambda: (_net(), WithGate(), {}), auxwrap.AuxwrapTraceError,
+     ["inside module 'body.1' (Gate)", "leaf_modules=[Gate]"]),
+    ("unpairable-layouts", lambda: (Mlp(), _net(), {}), auxwrap.AuxwrapPairingError,
+     ["the primary (2 points: vector) and aux0 (4 points: nchw)", "taps={'primary': [...], 'aux0': [...]}"]),
+    ("unpairable-depths", lambda: (_net(), _net(), {"taps": ["block4"]}), auxwrap.AuxwrapPairingError,
+     ["the primary (1 point: nchw) and aux0 (1 point: nchw)", "window_form='code'"]),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "parts"), [case[1:] for case in BAD_INPUT],
+                         ids=[case[0] for case in BAD_INPUT])
+def test_bad_input_is_refused_by_name_with_the_fix_and_changes_nothing(call, error, parts):
+    primary, aux, kwargs = call()
+    kwargs = {"mode": "nas", "example_inputs": X16} | kwargs
+    models = [m for m in [primary, *(aux if isinstance(aux, (list, tuple)) else [aux])] if isinstance(m, nn.Module)]
+    before = snapshot(*models)
+    with pytest.raises(error) as info:
+        auxwrap.attach(primary, aux, **kwargs)
+    assert isinstance(info.value, auxwrap.AuxwrapError)
+    missing = [part for part in parts if part not in str(info.value)]
+    assert not missing, f"{missing} not in: {info.value}"
+    assert_as_found(before, *models)

@@ -1,3 +1,6 @@
+import pickle
+import warnings
+
 import pytest
 import timm.layers
 import torch
@@ -5,7 +8,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import auxwrap
-from auxwrap.trace import MODULE_PATH
+from auxwrap.trace import MODULE_PATH, kept_as_found
 
 from .zoo import ZOO, DictNet, ResidualNet, build
 
@@ -176,3 +179,135 @@ def test_bad_leaf_modules_are_refused(bad):
 def test_bad_autowrap_functions_are_refused():
     with pytest.raises(auxwrap.AuxwrapArgumentError, match="autowrap_functions"):
         auxwrap.trace(UsesFunction(), autowrap_functions=["scale_by_sign"])
+
+
+# ---------------------------------------------------------------------------- the user's modules stay theirs
+
+
+class Tally(nn.Module):
+    """Counts in place what passes through it: a buffer updated by every real run of its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("total", torch.zeros(()))
+
+    def forward(self, x):
+        self.total.add_(1)
+        return x
+
+
+class Recording(ResidualNet):
+    """A forward with side effects: it counts its calls in a buffer (and in a submodule's), stores its output,
+    appends to a list, and sets an attribute that does not exist before its first call. One block is in eval
+    mode, the rest in train mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.tally = Tally()
+        self.last_features = None
+        self.history = []
+        self.block2.eval()
+
+    def forward(self, x):
+        self.calls.add_(1)
+        y = super().forward(self.tally(x))
+        self.last_features = y
+        self.history.append(y)
+        self.first_seen = y
+        return y
+
+
+def snapshot(*models):
+    """What attach() / trace() must leave as found, per module: its class and training flag, each instance
+    attribute by identity (lists, dicts and sets also by content), every tensor's identity and value."""
+    def module_state(module):
+        attributes = {k: id(v) for k, v in vars(module).items()}
+        contents = {k: [id(x) for x in (v.values() if isinstance(v, dict) else v)]
+                    for k, v in vars(module).items() if isinstance(v, (list, dict, set))}
+        return type(module), module.training, attributes, contents
+
+    return [([(n, *module_state(m)) for n, m in model.named_modules()],
+             {n: (id(t), t.clone()) for n, t in [*model.named_parameters(), *model.named_buffers()]})
+            for model in models]
+
+
+def assert_as_found(before, *models):
+    for (modules_a, tensors_a), (modules_b, tensors_b) in zip(before, snapshot(*models), strict=True):
+        assert modules_a == modules_b
+        assert tensors_a.keys() == tensors_b.keys()
+        for name, (id_a, value_a) in tensors_a.items():
+            id_b, value_b = tensors_b[name]
+            assert id_a == id_b, name
+            assert value_a.shape == value_b.shape if value_a.is_meta else torch.equal(value_a, value_b), name
+
+
+@pytest.mark.parametrize("training", [None, True, False])
+def test_trace_leaves_a_forward_with_side_effects_as_found(training):
+    model = Recording()
+    before = snapshot(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = auxwrap.trace(model, training=training)
+    assert_as_found(before, model)
+    assert [str(w.message).split(";")[0] for w in caught] == [
+        "Recording.forward stores last_features, history, first_seen and updates the buffers calls, tally.total "
+        "in place with values the graph does not compute"]
+    assert model.last_features is None and not hasattr(model, "first_seen") and model.history == []
+    pickle.dumps(model)  # no fx Proxy left behind
+    x = torch.randn(2, 3, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(traced.graph_module.eval()(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore:Recording.forward stores")
+def test_trace_failure_leaves_the_model_as_found():
+    model = Recording()
+    model.block3 = WithGate()  # untraceable: Python control flow on a tensor
+    before = snapshot(model)
+    with pytest.raises(auxwrap.AuxwrapTraceError):
+        auxwrap.trace(model)
+    assert_as_found(before, model)
+
+
+def test_find_taps_leaves_buffers_updated_in_place_as_found():
+    model = Recording()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = auxwrap.trace(model)
+    before = snapshot(model)
+    auxwrap.find_taps(traced, torch.randn(2, 3, 8, 8))  # runs the graph, which adds to both buffers
+    assert_as_found(before, model)
+    assert model.calls.item() == 0 and model.tally.total.item() == 0
+
+
+def test_kept_as_found_restores_on_failure_and_leaves_nested_blocks_to_the_outer_one():
+    model = Recording()
+    model.scratch = torch.zeros(3)  # a plain tensor attribute, not a buffer
+    before = snapshot(model)
+    scratch = model.scratch
+    with pytest.raises(RuntimeError, match="boom"), kept_as_found(model):
+        with kept_as_found(model):
+            model.calls.add_(5)
+            model.block1.conv1.weight.data.mul_(2)  # not seen by autograd's version counter
+            model.history.append(1)
+            model.new_attribute = 1
+        assert model.calls.item() == 5  # the inner block leaves it to the outer one
+        model.scratch.resize_(7)
+        model.stem = nn.Identity()
+        model.train(False)
+        raise RuntimeError("boom")
+    assert_as_found(before, model)
+    assert model.scratch is scratch and torch.equal(scratch, torch.zeros(3))
+
+
+def test_trace_keeps_the_tensor_constants_its_graph_reads():
+    class Constant(nn.Module):
+        def forward(self, x):
+            return x + torch.tensor([1.0, 2.0])
+
+    model = Constant()
+    traced = auxwrap.trace(model)
+    stowed = [k for k in vars(model) if k.startswith("_tensor_constant")]
+    assert stowed and traced.graph_module(torch.zeros(2)).tolist() == [1.0, 2.0]
