@@ -3,8 +3,11 @@
 Built on ``torch.utils.flop_counter.FlopCounterMode``, which counts convolutions and matrix products
 only. On the CPU, fused attention runs as ``_scaled_dot_product_flash_attention_for_cpu``, which
 torch does not count; auxwrap registers the standard attention formula for it (forward and
-backward), so a ViT counts the same with fused attention on or off. Norms are never counted as
-FLOPs: the report lists the number of norm layers beside them.
+backward), so a ViT counts the same with fused attention on or off. Before torch fixed it
+(pytorch/pytorch#183405), the backward of a grouped convolution counted the weight gradient
+``groups`` times too high (a depthwise convolution's backward C + 1 times its forward, C channels);
+:func:`count_flops` then uses the correct formula. Norms are never counted as FLOPs: the report
+lists the number of norm layers beside them.
 """
 
 from __future__ import annotations
@@ -13,11 +16,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (
+    FlopCounterMode,
+    conv_flop_count,
+    register_flop_formula,
+    sdpa_backward_flop_count,
+    sdpa_flop_count,
+)
 
 from . import analysis
-from .trace import Traced, trace
+from .trace import Traced, kept_as_found, trace
 
 _aten = torch.ops.aten
 
@@ -42,23 +52,51 @@ def _register_cpu_attention_formulas() -> None:
 _register_cpu_attention_formulas()
 
 
+def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,  # noqa: ANN001
+                        transposed, _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """``aten.convolution_backward``: the input gradient and the weight gradient each cost one forward
+    convolution (grouped or not: the weight's shape holds the input channels per group)."""
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (bool(output_mask[0]) + bool(output_mask[1]))
+
+
+def _formula_corrections() -> dict:
+    """The formulas :func:`count_flops` puts in place of torch's: the convolution backward where torch's
+    formula miscounts a grouped convolution (probed on a depthwise one), none where torch counts it right."""
+    op = _aten.convolution_backward
+    meta = [torch.empty(shape, device="meta") for shape in ((1, 2, 3), (1, 2, 3), (2, 1, 1))]
+    args = (*meta, None, [1], [0], [1], False, [0], 2, [True, True, False])
+    expected = flop_counter.shape_wrapper(_conv_backward_flop)(*args, out_val=(meta[1], meta[2], None))
+    try:
+        correct = flop_counter.flop_registry[op](*args, out_val=(meta[1], meta[2], None)) == expected
+    except Exception:  # a formula with another signature: count with ours
+        correct = False
+    return {} if correct else {op: _conv_backward_flop}
+
+
+_CORRECTIONS = _formula_corrections()
+
+
 def count_flops(module: nn.Module, *inputs: object, backward: bool = False) -> int:
     """FLOPs (2 x multiply-accumulates) of one forward pass of ``module`` on ``inputs``.
 
     With ``backward=True``, of one forward and one backward pass (of the sum of every output),
-    as a training step costs. Runs the module; no gradient is left on its parameters.
+    as a training step costs. Runs the module and leaves it as it was (:func:`auxwrap.trace.kept_as_found`:
+    a train-mode pass moves BatchNorm statistics, which are put back); the backward pass computes
+    gradients without storing them in ``.grad``.
     """
-    counter = FlopCounterMode(display=False)
-    if not backward:
-        with counter, torch.no_grad():
-            module(*inputs)
+    counter = FlopCounterMode(display=False, custom_mapping=_CORRECTIONS)
+    with kept_as_found(module):
+        if not backward:
+            with counter, torch.no_grad():
+                module(*inputs)
+            return counter.get_total_flops()
+        params = [p for p in module.parameters() if p.requires_grad]
+        with counter:
+            outputs, _ = tree_flatten(module(*inputs))
+            total = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad)
+            torch.autograd.grad(total, params, allow_unused=True)
         return counter.get_total_flops()
-    params = [p for p in module.parameters() if p.requires_grad]
-    with counter:
-        outputs, _ = tree_flatten(module(*inputs))
-        total = sum(o.float().sum() for o in outputs if isinstance(o, torch.Tensor) and o.requires_grad)
-        torch.autograd.grad(total, params, allow_unused=True)
-    return counter.get_total_flops()
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -19,6 +19,13 @@ Each method is also a pure function on a ``[K, P]`` matrix of flattened task gra
 primary), so that it can be checked on hand-made vectors: :func:`pcgrad`, :func:`pcgrad_aux`,
 :func:`gcs`, :func:`cagrad`. Stateful methods (learnable log-variances, loss history) live in a
 :class:`Balancer`; the module-level :func:`backward` keeps one per (network, method).
+
+Under ``DistributedDataParallel`` pass the wrapper as ``net``: every rank then makes the same update,
+the one a single process makes on the whole batch (for mean losses over equal shards): the gradient
+methods combine the task gradients averaged over the ranks, DWA weighs the losses averaged over the
+ranks, the log-variances' gradients are averaged, and DDP averages the network's in its usual backward.
+In ``no_sync()`` (gradient accumulation) the gradient methods combine each rank's own task gradients;
+the synchronised call then averages everything accumulated.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .errors import AuxwrapArgumentError
+from .errors import AuxwrapArgumentError, is_integer, is_real
 from .fused import FusedNet
+from .search import mean_over_ranks
 
 WEIGHTING_METHODS = ("equal", "uncertainty", "dwa")
 GRADIENT_METHODS = ("pcgrad", "pcgrad-aux", "gcs", "gcs-weighted", "cagrad")
@@ -199,7 +208,9 @@ class Balancer(nn.Module):
 
     ``Balancer("uncertainty", 2)`` has learnable log-variances: add ``balancer.parameters()`` to your
     optimizer (for the module-level :func:`backward`, ``balancer_for(net, "uncertainty", 2).parameters()``).
-    It is an ``nn.Module``: ``.to(device)`` and ``state_dict()`` carry the log-variances (not the DWA history).
+    It is an ``nn.Module``: ``.to(device)`` moves the log-variances, and ``state_dict()`` carries all of its
+    state (log-variances, DWA loss history, PCGrad's generator state), so that a run resumes exactly; it
+    loads with ``torch.load(weights_only=True)``.
 
     Options (defaults in :data:`DEFAULTS`):
 
@@ -250,11 +261,12 @@ class Balancer(nn.Module):
             raise AuxwrapArgumentError(f"net must be an nn.Module, got {type(net).__name__}")
         shared = None if shared is None else _check_shared(shared)
         if self.method in WEIGHTING_METHODS:
-            return self._backward_weighted(losses)
+            return self._backward_weighted(losses, _ddp(net))
         return self._backward_gradients(losses, net, shared)
 
-    def _backward_weighted(self, losses: list[Tensor]) -> Tensor:
-        """One backward of the weighted sum; DWA then records this call's losses."""
+    def _backward_weighted(self, losses: list[Tensor], ddp: DistributedDataParallel | None) -> Tensor:
+        """One backward of the weighted sum; DWA then records this call's losses. Under DDP the
+        log-variances' gradients are averaged over the ranks, as DDP averages the network's."""
         device = losses[0].device
         if self.method == "uncertainty":
             s = self.log_vars.to(device)
@@ -264,32 +276,59 @@ class Balancer(nn.Module):
             combined = sum(w * loss for w, loss in zip(weights, losses, strict=True))
         if combined.requires_grad:
             combined.backward()
+        if ddp is not None and ddp.require_backward_grad_sync:
+            mean_over_ranks([p.grad for p in self.parameters() if p.grad is not None], ddp.process_group)
         if self.method == "dwa":
-            self._record(losses)
+            self._record(losses, ddp)
         return combined.detach()
 
-    def _record(self, losses: list[Tensor]) -> None:
+    def _record(self, losses: list[Tensor], ddp: DistributedDataParallel | None) -> None:
+        """Add this call's losses to the window; a full window's mean is the mean over the ranks under DDP
+        (one all-reduce per window, also in ``no_sync``), so that every rank weighs the tasks alike."""
         values = torch.stack([loss.detach().to(torch.float64) for loss in losses])
-        self._window_sum = values if self._window_sum is None else self._window_sum + values
+        self._window_sum = values if self._window_sum is None else self._window_sum.to(values.device) + values
         self._window_count += 1
         if self._window_count == self.options["window"]:
-            self._window_means = [*self._window_means, self._window_sum / self._window_count][-2:]
+            if ddp is not None:
+                mean_over_ranks([self._window_sum], ddp.process_group)
+            means = [*self._window_means, self._window_sum / self._window_count][-2:]
+            self._window_means = [m.to(values.device) for m in means]
             self._window_sum, self._window_count = None, 0
 
     def _backward_gradients(self, losses: list[Tensor], net: nn.Module, shared: list[Tensor] | None) -> Tensor:
-        """Per-task gradients on the shared parameters, combined; one plain backward for the rest."""
+        """Per-task gradients on the shared parameters, combined; one plain backward for the rest.
+
+        Under DDP the task gradients are first averaged over the ranks (the whole batch's, as one process
+        would combine them), and one ordinary backward of the sum, with the shared parameters' gradients
+        replaced by the combined ones, lets DDP average every gradient as usual (``no_sync`` included).
+        """
+        ddp = _ddp(net)
         reached = [_reachable_leaves(loss) for loss in losses]
         if shared is None:
             shared = _default_shared(net, reached)
         shared_ids = {id(p) for p in shared}
         rest = list({id(t): t for leaves in reached for t in leaves.values() if id(t) not in shared_ids}.values())
         live = [loss for loss in losses if loss.requires_grad]
+        combined: list[Tensor | None] = []
         if shared:
-            grads, used = _task_gradients(losses, shared, free_graph=not rest)
+            grads, used = _task_gradients(losses, shared, free_graph=not rest and ddp is None)
+            if ddp is not None and ddp.require_backward_grad_sync:
+                mean_over_ranks([grads], ddp.process_group)
+            combined = [g if u else None for g, u in zip(self._combine(grads).split([p.numel() for p in shared]),
+                                                         used, strict=True)]
+        if ddp is None:
             with torch.no_grad():
-                _accumulate(shared, self._combine(grads), used)
-        if rest:
-            torch.autograd.backward(sum(live), inputs=rest)
+                _accumulate(shared, combined)
+            if rest:
+                torch.autograd.backward(sum(live), inputs=rest)
+        elif live:
+            handles = [p.register_hook(functools.partial(_replaced, g.view(p.shape).to(p.dtype)))
+                       for p, g in zip(shared, combined, strict=True) if g is not None]
+            try:
+                torch.autograd.backward(sum(live))
+            finally:
+                for handle in handles:
+                    handle.remove()
         return sum(loss.detach() for loss in losses)
 
     def _combine(self, grads: Tensor) -> Tensor:
@@ -301,6 +340,27 @@ class Balancer(nn.Module):
         if self.method in ("gcs", "gcs-weighted"):
             return gcs(grads, weighted=self.method == "gcs-weighted")
         return grads.shape[0] * cagrad(grads, **self.options)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """The state besides the log-variances (``state_dict()``'s ``_extra_state``): the DWA loss history
+        and the state of PCGrad's generator, with the method and number of tasks they belong to."""
+        return {"method": self.method, "num_tasks": self.num_tasks, "window_sum": self._window_sum,
+                "window_count": self._window_count, "window_means": list(self._window_means),
+                "generator": None if self._generator is None else self._generator.get_state()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`get_extra_state`; a state of another method or number of tasks raises."""
+        saved = (state.get("method"), state.get("num_tasks")) if isinstance(state, dict) else (None, None)
+        if saved != (self.method, self.num_tasks):
+            raise AuxwrapArgumentError(
+                f"this state is of a {saved[0]!r} balancer for {saved[1]} losses; load it into "
+                f"auxwrap.mto.Balancer({saved[0]!r}, {saved[1]}) (this one: {self.method!r} for {self.num_tasks})")
+        self._window_sum, self._window_count = state["window_sum"], int(state["window_count"])
+        self._window_means = list(state["window_means"])
+        if state["generator"] is not None:
+            if self._generator is None:
+                self._generator = torch.Generator()
+            self._generator.set_state(state["generator"])
 
     def extra_repr(self) -> str:
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())
@@ -388,7 +448,18 @@ def _reachable_leaves(loss: Tensor) -> dict[int, Tensor]:
     return leaves
 
 
+def _ddp(net: nn.Module) -> DistributedDataParallel | None:
+    """``net`` if it is a DistributedDataParallel wrapper (whose ranks must agree), else None."""
+    return net if isinstance(net, DistributedDataParallel) else None
+
+
+def _replaced(gradient: Tensor, _: Tensor) -> Tensor:
+    """A tensor hook that puts ``gradient`` in place of the one autograd computed."""
+    return gradient
+
+
 def _default_shared(net: nn.Module, reached: list[dict[int, Tensor]]) -> list[Tensor]:
+    net = net.module if isinstance(net, DistributedDataParallel) else net
     if isinstance(net, FusedNet):
         return [p for p in net.primary.parameters() if p.requires_grad]
     return [p for p in net.parameters() if p.requires_grad and sum(id(p) in leaves for leaves in reached) >= 2]
@@ -413,11 +484,11 @@ def _task_gradients(losses: list[Tensor], params: list[Tensor], free_graph: bool
     return grads, used
 
 
-def _accumulate(params: list[Tensor], flat: Tensor, used: list[bool]) -> None:
-    """Add ``flat`` (the concatenated gradients of ``params``) into ``.grad``, like autograd does:
-    parameters no loss reaches are left alone."""
-    for p, g, u in zip(params, flat.split([p.numel() for p in params]), used, strict=True):
-        if not u:
+def _accumulate(params: list[Tensor], grads: list[Tensor | None]) -> None:
+    """Add each parameter's (flattened) gradient into ``.grad``, like autograd does: parameters no loss
+    reaches (gradient None) are left alone."""
+    for p, g in zip(params, grads, strict=True):
+        if g is None:
             continue
         g = g.view(p.shape).to(p.dtype)
         if p.grad is None:
@@ -437,7 +508,7 @@ def _check_method(method: Any) -> str:
 
 
 def _check_num_tasks(num_tasks: Any) -> int:
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 2:
+    if not is_integer(num_tasks) or num_tasks < 2:
         raise AuxwrapArgumentError(
             f"num_tasks must be an int >= 2 (the primary and at least one auxiliary), got {num_tasks!r}")
     return num_tasks
@@ -487,13 +558,13 @@ def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_real(value: Any, name: str = "init") -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_real(value) or not math.isfinite(value):
         raise AuxwrapArgumentError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
 def _check_window(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_integer(value) or value < 1:
         raise AuxwrapArgumentError(f"window must be an int >= 1 (iterations per DWA window), got {value!r}")
     return value
 
@@ -506,7 +577,7 @@ def _check_temperature(value: Any) -> float:
 
 
 def _check_seed(value: Any) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+    if value is not None and not is_integer(value):
         raise AuxwrapArgumentError(f"seed must be an int or None, got {value!r}")
     return value
 
@@ -525,6 +596,6 @@ def _check_c(value: Any) -> float:
 
 
 def _check_rescale(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in _CAGRAD_RESCALE:
+    if not is_integer(value) or value not in _CAGRAD_RESCALE:
         raise AuxwrapArgumentError(f"rescale must be 0, 1 or 2, got {value!r}")
     return value

@@ -43,7 +43,8 @@ def plot_gates(search_or_history: Any, net: nn.Module | None = None, path: str |
     except ImportError as error:
         raise ImportError("auxwrap.plot_gates() needs matplotlib: pip install matplotlib") from error
 
-    from .search import GateHistory, Search, unwrap
+    from .fused import unwrap
+    from .search import GateHistory, Search
 
     history = search_or_history.history if isinstance(search_or_history, Search) else search_or_history
     if not isinstance(history, GateHistory):

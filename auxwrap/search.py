@@ -45,8 +45,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .analysis import as_input_tuple
 from .deploy import cut_links, measure_cut
-from .errors import AuxwrapArgumentError
-from .fused import FusedNet
+from .errors import AuxwrapArgumentError, is_integer, is_real
+from .fused import FusedNet, unwrap
 from .fusion import Fusion
 from .plan import PRIMARY, TO_AUX, TO_PRIMARY, Connection
 
@@ -67,16 +67,6 @@ DEFAULT_DECAY = "linear"
 
 
 # ---------------------------------------------------------------------- the gates, one entry per connection
-
-def unwrap(net: nn.Module, argument: str = "net") -> FusedNet:
-    """The :class:`FusedNet` inside ``net`` (itself, or the ``.module`` of a DDP/DataParallel wrapper)."""
-    inner = net.module if isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else net
-    if not isinstance(inner, FusedNet):
-        raise AuxwrapArgumentError(
-            f"{argument} must be the FusedNet that auxwrap.attach() returns (or a DistributedDataParallel "
-            f"wrapping it), got {type(net).__name__}.")
-    return inner
-
 
 def _gated_fusions(net: FusedNet) -> list[Fusion]:
     """The fusion modules with learnable gates, in the order of their sites."""
@@ -228,7 +218,7 @@ class Search:
                 f"net was attached with mode={self.net.mode!r}, which has no gates to search (Aux-G's "
                 "links are fixed at 1); attach with mode='nas' to search, or train a mode='grad' net "
                 "without Search.")
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+        if not is_integer(total_steps) or total_steps <= 0:
             raise AuxwrapArgumentError(
                 f"total_steps must be a positive int (the number of gate steps of the whole training, "
                 f"e.g. epochs * len(search_loader)), got {total_steps!r}.")
@@ -320,7 +310,7 @@ class Search:
             loss = loss.reshape(()) + self.penalty()
         grads = torch.autograd.grad(loss.reshape(()), self.gates, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.gates, grads, strict=True)]
-        self._all_reduce(grads)
+        mean_over_ranks(grads, self.process_group)
         for p, g in zip(self.gates, grads, strict=True):
             p.grad = g
         self.optimizer.step()
@@ -368,18 +358,32 @@ class Search:
     # ---------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict:
-        """What a resumed run needs besides the network: step count, cut, Adam state, history."""
+        """What a resumed run needs besides the network: step count, cut, Adam state, history.
+
+        A run resumes bit for bit from this, the network's and the weight optimiser's state dicts and
+        each loader's ``sampler.state_dict()`` (saved at the end of an epoch), loaded in any order."""
         return {"steps_done": self.steps_done, "max_gate_at_cut": self.max_gate_at_cut,
                 "optimizer": self.optimizer.state_dict(), "history": dataclasses.asdict(self.history)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from :meth:`state_dict` (plain Python types: loads with ``torch.load(weights_only=True)``)."""
-        self.steps_done = int(state["steps_done"])
-        self.max_gate_at_cut = state["max_gate_at_cut"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Resume from :meth:`state_dict` (plain Python types: loads with ``torch.load(weights_only=True)``).
+
+        Also puts the network's gate ceiling and cut where they stand at that step, so the network's state
+        may be loaded before or after this Search is built. A state of other gates changes nothing."""
         history = dict(state["history"])
         history["connections"] = [Connection(**c) for c in history["connections"]]
-        self.history = GateHistory(**history)
+        history = GateHistory(**history)
+        if history.connections != self._connections:
+            raise AuxwrapArgumentError(
+                f"state is of a search over other gates ({len(history.connections)} connections) than this "
+                f"one ({len(self._connections)}); build the Search on a network attached like the saved one.")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done = int(state["steps_done"])
+        self.max_gate_at_cut = state["max_gate_at_cut"]
+        self.history = history
+        self._project()
+        if self.is_cut:
+            cut_links(self.net)
 
     # ---------------------------------------------------------------- internals
 
@@ -390,20 +394,6 @@ class Search:
         ceiling = self.ceiling()
         for f in self._to_primary:
             f.ceiling.fill_(ceiling)
-
-    def _all_reduce(self, grads: list[torch.Tensor]) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        world = dist.get_world_size(self.process_group)
-        if world == 1:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.process_group)
-        flat /= world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def _record(self, lam: float) -> None:
         if self.record:
@@ -416,20 +406,37 @@ class Search:
                 f"decay={self.decay!r}, cut at {self.cut_step})")
 
 
+def mean_over_ranks(tensors: list[torch.Tensor], group: Any = None) -> None:
+    """Replace each tensor, in place, by its mean over the ranks of ``group`` (one all-reduce); nothing
+    happens outside distributed training or with one rank."""
+    if not tensors or not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def _positive(name: str, value: object, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+    if not is_real(value) or not value > 0 or not math.isfinite(value):
         raise AuxwrapArgumentError(f"{name} must be a positive number ({hint}), got {value!r}.")
     return float(value)
 
 
 def _non_negative(name: str, value: object, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or not math.isfinite(value):
+    if not is_real(value) or not value >= 0 or not math.isfinite(value):
         raise AuxwrapArgumentError(f"{name} must be a number >= 0 ({hint}), got {value!r}.")
     return float(value)
 
 
 def _fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not is_real(value) or not 0.0 <= value <= 1.0:
         raise AuxwrapArgumentError(f"{name} must be a fraction of total_steps in [0, 1], got {value!r}.")
     return float(value)
 
@@ -505,6 +512,16 @@ class HalfSampler(Sampler[int]):
     def __len__(self) -> int:
         return self._split.per_rank(self.which)
 
+    def state_dict(self) -> dict[str, int]:
+        """Where the data order stands: the epoch (shared by both halves) and this half's pass count.
+
+        Save it with the training state: without it a resumed run visits the halves in other orders."""
+        return {"epoch": self._split.epoch, "passes": self._passes}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume the data order of :meth:`state_dict` (the epoch is set for both halves)."""
+        self._split.epoch, self._passes = int(state["epoch"]), int(state["passes"])
+
 
 def search_loaders(dataset: Dataset, batch_size: int, seed: int = 0, *, num_replicas: int | None = None,
                    rank: int | None = None, **loader_kwargs: Any) -> tuple[DataLoader, DataLoader]:
@@ -522,7 +539,7 @@ def search_loaders(dataset: Dataset, batch_size: int, seed: int = 0, *, num_repl
     ``loader_kwargs`` go to both :class:`~torch.utils.data.DataLoader` (``num_workers``,
     ``drop_last``, ``collate_fn``...), except ``shuffle`` and ``sampler``, which the split replaces.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    if not is_integer(batch_size) or batch_size <= 0:
         raise AuxwrapArgumentError(f"batch_size must be a positive int, got {batch_size!r}.")
     for key in ("shuffle", "sampler", "batch_sampler"):
         if key in loader_kwargs:

@@ -1,11 +1,17 @@
+import contextlib
 import copy
+import datetime
 import gc
+import io
 import itertools
 import math
+import time
 import weakref
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -188,6 +194,73 @@ def test_module_level_backward_keeps_one_balancer_per_net_and_method():
     assert ref() is None  # the registry does not keep the network alive
 
 
+def _three_losses(model, x):
+    """Three conflicting losses on TwoHeads: PCGrad's projection order matters."""
+    l1, l2 = model.losses(x, conflict=1.5)
+    return [l1, l2, (model.head2(model.trunk(x)) + 1).pow(2).mean() - 0.5 * l2]
+
+
+RESUME_OPTIONS = {"dwa": {"window": 2}, "pcgrad": {"seed": 0}}
+
+
+def _resume_run(method, model, balancer, optimizer, batches):
+    for x in batches:
+        optimizer.zero_grad(set_to_none=True)
+        balancer.backward(_three_losses(model, x), model)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("method", mto.METHODS)
+def test_balancer_state_dict_resumes_a_run_exactly(method):
+    """Saved after 3 of 6 steps (mid-window for DWA), loaded into fresh objects: the same weights, weights of
+    the tasks and balancer state as without the break. The DWA history and PCGrad's random order were lost."""
+    batches = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+
+    def setup(seed):
+        torch.manual_seed(seed)
+        model, balancer = TwoHeads(), mto.Balancer(method, 3, **RESUME_OPTIONS.get(method, {}))
+        return model, balancer, torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.1, momentum=0.9)
+
+    model, balancer, optimizer = setup(0)
+    _resume_run(method, model, balancer, optimizer, batches)
+    model1, balancer1, optimizer1 = setup(0)
+    _resume_run(method, model1, balancer1, optimizer1, batches[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": model1.state_dict(), "balancer": balancer1.state_dict(), "opt": optimizer1.state_dict()},
+               buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    model2, balancer2, optimizer2 = setup(1)
+    model2.load_state_dict(state["model"])
+    balancer2.load_state_dict(state["balancer"])
+    optimizer2.load_state_dict(state["opt"])
+    _resume_run(method, model2, balancer2, optimizer2, batches[3:])
+    for (name, p), p2 in zip(model.named_parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, p2), name
+    assert torch.equal(balancer.weights, balancer2.weights)
+    if method == "dwa":
+        assert not torch.equal(balancer.weights, torch.ones(3))  # two full windows: the history is in use
+    assert _same(balancer.state_dict(), balancer2.state_dict())
+
+
+def _same(a, b):
+    """Equal nested states: tensors bit for bit."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def test_balancer_state_of_another_method_or_task_count_is_refused():
+    dwa = mto.Balancer("dwa", 2)
+    for other in (mto.Balancer("dwa", 3), mto.Balancer("equal", 2)):
+        with pytest.raises(AuxwrapArgumentError, match=r"Balancer\('dwa', 2\)"):
+            other.load_state_dict(dwa.state_dict())
+
+
 # ---------------------------------------------------------------------------------------------- the machinery
 
 
@@ -343,6 +416,93 @@ def test_fused_primary_is_protected_from_a_conflicting_auxiliary(fused, method):
             assert p.grad is None
         else:
             assert torch.allclose(p.grad, g, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- DistributedDataParallel
+
+
+def _plain_cnn(classes):
+    """No BatchNorm: a shard's gradient is then exactly its part of the whole batch's."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, classes))
+
+
+def _ddp_net():
+    torch.manual_seed(0)
+    net = auxwrap.attach(_plain_cnn(4), _plain_cnn(2), "grad", example_inputs=(torch.randn(2, 3, 8, 8),))
+    with torch.no_grad():  # non-zero fusions: the auxiliary loss reaches the shared primary branch
+        for _, fusion in net.fusion_sites():
+            fusion.weight.weight.normal_(0.0, 0.3)
+    return net
+
+
+DDP_BATCHES = [(torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(s)),
+                torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(s))) for s in range(3)]
+
+
+def _ddp_train(model, method, batches):
+    """An optimiser step of ``method`` on ``model`` (a FusedNet or a DDP wrapping one) per batch (DWA weighs
+    the third from the first two); the parameters of the network and of its balancer after them."""
+    options = {"window": 1} if method == "dwa" else {}
+    balancer = mto.balancer_for(model, method, 2, **options)
+    optimizer = torch.optim.SGD([*model.parameters(), *balancer.parameters()], lr=0.5)
+    for x, y in batches:
+        out = model(x)
+        optimizer.zero_grad()
+        mto.backward([F.cross_entropy(out.primary, y), F.cross_entropy(out.aux[0], y // 2)], model, method, **options)
+        optimizer.step()
+    return [p.detach().clone() for p in [*model.parameters(), *balancer.parameters()]]
+
+
+def _ddp_accumulate(ddp, method, batches):
+    """Gradient accumulation: the first batch's backward in ``ddp.no_sync()``, the second's synchronised, then
+    one optimiser step; the parameters after it."""
+    options = {"window": 1} if method == "dwa" else {}
+    balancer = mto.balancer_for(ddp, method, 2, **options)
+    optimizer = torch.optim.SGD([*ddp.parameters(), *balancer.parameters()], lr=0.5)
+    for i, (x, y) in enumerate(batches[:2]):
+        with ddp.no_sync() if i == 0 else contextlib.nullcontext():
+            out = ddp(x)
+            mto.backward([F.cross_entropy(out.primary, y), F.cross_entropy(out.aux[0], y // 2)], ddp, method, **options)
+    optimizer.step()
+    return [p.detach().clone() for p in [*ddp.parameters(), *balancer.parameters()]]
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        shard = [(x[rank::world], y[rank::world]) for x, y in DDP_BATCHES]  # each rank its own data
+        results = {method: _ddp_train(nn.parallel.DistributedDataParallel(_ddp_net()), method, shard)
+                   for method in mto.METHODS}
+        results.update({f"{method}, no_sync": _ddp_accumulate(nn.parallel.DistributedDataParallel(_ddp_net()),
+                                                               method, shard) for method in mto.METHODS})
+        torch.save(results, out_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gives_every_rank_the_update_of_the_whole_batch(tmp_path):
+    """Two gloo ranks, each on half of every batch: after three steps every rank holds the same network and
+    balancer (bit for bit), and they are those of one process on the whole batch (to float rounding): the
+    gradient methods combine the task gradients of the whole batch, DWA weighs the whole batch's losses, and
+    the log-variances of "uncertainty" follow their mean gradient. With gradient accumulation in
+    ``no_sync()`` too, the ranks end alike."""
+    start = time.perf_counter()
+    fork = "fork" in mp.get_all_start_methods()  # seconds instead of ~30 s of imports in fresh interpreters
+    mp.start_processes(_ddp_worker, args=(2, tmp_path / "init", tmp_path), nprocs=2, join=True,
+                       start_method="fork" if fork else "spawn")
+    elapsed = time.perf_counter() - start
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for method in mto.METHODS:
+        single = _ddp_train(_ddp_net(), method, DDP_BATCHES)
+        first, second = ranks[0][method], ranks[1][method]
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True)), method
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(first, single, strict=True)), method
+        first, second = ranks[0][f"{method}, no_sync"], ranks[1][f"{method}, no_sync"]
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True)), f"{method}, no_sync"
+    assert elapsed < 60, f"DDP test took {elapsed:.0f} s"
 
 
 # ---------------------------------------------------------------------------------------------- bad input

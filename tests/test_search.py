@@ -392,6 +392,75 @@ def test_state_dict_resumes():
     assert resumed.steps_done == 1 and resumed.history.values == search.history.values
     assert resumed.history.connections == search.history.connections
     assert resumed.optimizer.state_dict()["state"][0]["step"] == 1
+    other = Search(_fused(n_aux=2)[0], total_steps=10)
+    with pytest.raises(auxwrap.AuxwrapArgumentError, match="other gates"):
+        other.load_state_dict(search.state_dict())
+    assert other.steps_done == 0 and other.optimizer.state_dict()["state"] == {}
+
+
+RESUME_TOTAL = 12  # 3 epochs of 4 steps; the ramp runs over steps 6-9.6, the cut after step 10
+
+
+def _resume_setup(seed):
+    """A fresh network (initialised from ``seed``), its weight optimiser, a Search and the two loaders."""
+    torch.manual_seed(seed)
+    net, _ = _fused()
+    opt = torch.optim.SGD(net.weight_parameters(), lr=0.05, momentum=0.9)
+    loaders = search_loaders(_synthetic(64), batch_size=8, seed=0)
+    return net, opt, loaders
+
+
+def _resume_train(net, opt, search, loaders, epochs):
+    search_loader, train_loader = loaders
+    for epoch in epochs:
+        train_loader.sampler.set_epoch(epoch)
+        for (xa, *ya), (xw, *yw) in zip(search_loader, train_loader, strict=True):
+            search.step(_task_loss(net(xa), *ya))
+            loss = _task_loss(net(xw), *yw)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("search_after_net", [False, True])
+def test_resumed_search_matches_an_uninterrupted_one_bit_for_bit(search_after_net):
+    """Saved mid-ramp (gate ceiling below 1, L1 on) at an epoch boundary, reloaded into fresh objects with
+    torch.load(weights_only=True): the same gates, weights, buffers and history as without the break;
+    ``search_after_net``: the Search is built after the network's state is loaded (it used to reset the
+    ceiling to 1)."""
+    net, opt, loaders = _resume_setup(0)
+    search = Search(net, total_steps=RESUME_TOTAL)
+    _resume_train(net, opt, search, loaders, range(3))
+    assert search.is_cut and 0.0 < search.ceiling(8) < 1.0 and search.lam(8) > 0
+
+    net1, opt1, loaders1 = _resume_setup(0)
+    search1 = Search(net1, total_steps=RESUME_TOTAL)
+    _resume_train(net1, opt1, search1, loaders1, range(2))
+    buffer = io.BytesIO()
+    torch.save({"net": net1.state_dict(), "opt": opt1.state_dict(), "search": search1.state_dict(),
+                "loaders": [loader.sampler.state_dict() for loader in loaders1]}, buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+
+    net2, opt2, loaders2 = _resume_setup(1)  # other initial weights: everything must come from the state
+    if search_after_net:
+        net2.load_state_dict(state["net"])
+        search2 = Search(net2, total_steps=RESUME_TOTAL)
+    else:
+        search2 = Search(net2, total_steps=RESUME_TOTAL)
+        net2.load_state_dict(state["net"])
+    opt2.load_state_dict(state["opt"])
+    search2.load_state_dict(state["search"])
+    for loader, loader_state in zip(loaders2, state["loaders"], strict=True):
+        loader.sampler.load_state_dict(loader_state)
+    _resume_train(net2, opt2, search2, loaders2, range(2, 3))
+
+    expected, got = net.state_dict(), net2.state_dict()
+    assert expected.keys() == got.keys()
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    assert search2.steps_done == search.steps_done and search2.max_gate_at_cut == search.max_gate_at_cut
+    assert search2.history == search.history
+    assert search2.summary().connections == search.summary().connections
 
 
 def test_bad_arguments_name_the_fix():
@@ -507,7 +576,9 @@ def test_ddp_keeps_gates_and_weights_identical_on_all_ranks(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.perf_counter()
-    mp.spawn(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True)
+    fork = "fork" in mp.get_all_start_methods()  # seconds instead of ~30 s of imports in fresh interpreters
+    mp.start_processes(_ddp_worker, args=(2, port, tmp_path), nprocs=2, join=True,
+                       start_method="fork" if fork else "spawn")
     elapsed = time.perf_counter() - start
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert all(torch.equal(a, b) for a, b in zip(r0["gates"], r1["gates"], strict=True))
