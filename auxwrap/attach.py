@@ -17,8 +17,8 @@ from . import analysis
 from .analysis import TOKENS
 from .auxmodule import AuxModule
 from .build import Site, fused_graph, sites
-from .errors import AuxwrapArgumentError, AuxwrapTapError
-from .examples import default_example_inputs
+from .errors import AuxwrapArgumentError, AuxwrapTapError, is_real
+from .examples import default_example_inputs, device_and_dtype
 from .fused import FusedNet
 from .fusion import DEFAULT_GATE, Fusion, Point, check_gate, token_grid
 from .plan import (
@@ -34,7 +34,7 @@ from .plan import (
     plan,
 )
 from .taps import Tap, find_taps
-from .trace import Traced, trace
+from .trace import Traced, kept_as_found, trace
 
 TapSpec = str | Sequence[str]
 
@@ -62,7 +62,8 @@ def attach(
 
     Args:
         primary: the model whose task you ship.
-        aux: an auxiliary model, or a sequence of K of them; each is called with the primary's inputs.
+        aux: an auxiliary model, or a sequence (a list, an ``nn.ModuleList``) of K of them; each is called
+            with the primary's inputs.
         mode: ``"grad"`` (Aux-G: primary -> auxiliary links only, gates fixed at 1) or ``"nas"``
             (Aux-NAS: links both ways, each with a learnable gate in [0, 1]).
         taps: ``"layer"``, ``"stage"``, a list of module paths / node names, or a dict giving one of
@@ -75,22 +76,29 @@ def attach(
             outputs) or ``"group"`` (as ``"code"``, within consecutive groups of ``window`` points).
         example_inputs: a batch the primary takes, to learn shapes; inferred for timm models.
         alpha_init: initial gate value in mode="nas": one value for both directions (paper: 0.5), or
-            ``(aux_to_primary, primary_to_aux)`` (the authors' released config: ``(0.001, 0.5)``).
+            ``(aux_to_primary, primary_to_aux)`` (the authors' released config: ``(0.001, 0.5)``). Checked
+            in both modes (so a bad value fails the same way in each); mode="grad" does not use it, its
+            gates are fixed at 1.
         gate: how a gate's value comes from its parameter in mode="nas": ``"sigmoid"`` (the authors') or
             ``"clamp"`` (straight-through clamp to [0, 1]); see :mod:`auxwrap.fusion`.
         leaf_modules, autowrap_functions, concrete_args: passed to :func:`auxwrap.trace` for every branch.
 
     Returns:
         A :class:`FusedNet`; ``net(x)`` returns ``AuxOutput(primary=..., aux=(...))``.
+
+    The user's modules are left as found, also when attach() fails: tracing and shape propagation run
+    their forward, and whatever that stores or updates in place is restored (:func:`auxwrap.trace.kept_as_found`).
+    Only an :class:`AuxModule` auxiliary is changed, bound to the primary's points once all else succeeded.
     """
     mode = check_mode(mode)
     window = check_window(window)
     window_form = check_window_form(window_form)
-    gate_init = None if mode == "grad" else _check_alpha(alpha_init)  # (to the primary, to an auxiliary)
+    gate_init = _check_alpha(alpha_init)  # (to the primary, to an auxiliary)
+    gate_init = None if mode == "grad" else gate_init  # Aux-G's gates are fixed at 1
     gate = check_gate(gate)
     aux_models = _check_models(primary, aux)
     models = {PRIMARY: primary, **{aux_branch(k): m for k, m in enumerate(aux_models)}}
-    _check_devices(models)
+    _check_devices_and_dtypes(models)
     inputs = analysis.as_input_tuple(
         default_example_inputs(primary) if example_inputs is None else example_inputs, type(primary).__name__)
     trace_options = dict(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions),
@@ -98,25 +106,26 @@ def attach(
     specs = _tap_specs(taps, list(models))
 
     readers = {b: m for b, m in models.items() if isinstance(m, AuxModule)}  # Liu et al.'s modules
-    by_mode = {training: {b: trace(m, training=training, **trace_options) for b, m in models.items()
-                          if b not in readers} for training in (False, True)}
-    points = _find_points(by_mode[False], inputs, specs)
-    read_points = _reader_points(by_mode[False][PRIMARY], inputs, readers, specs)
-    connections = plan(points, mode, window, window_form)
-    fusion_sites = sites(connections, points)
-    fusions = {site.name: _fusion(site, models, gate_init, gate) for site in fusion_sites}
-    _check_fusions(fusion_sites, fusions)
+    with kept_as_found(*models.values()):  # the user's forwards run below; what they store is undone
+        by_mode = {training: {b: trace(m, training=training, **trace_options) for b, m in models.items()
+                              if b not in readers} for training in (False, True)}
+        points = _find_points(by_mode[False], inputs, specs)
+        read_points = _reader_points(by_mode[False][PRIMARY], inputs, readers, specs)
+        connections = plan(points, mode, window, window_form)
+        fusion_sites = sites(connections, points)
+        fusions = {site.name: _fusion(site, models, gate_init, gate) for site in fusion_sites}
+        _check_fusions(fusion_sites, fusions)
 
-    prefixes = {PRIMARY: "primary", **{aux_branch(k): f"aux.{k}" for k in range(len(aux_models))}}
-    graphs = {False: fused_graph(by_mode[False], prefixes, fusion_sites, _nodes_of(read_points))}
-    if _graphs_differ(by_mode[False], by_mode[True]):
-        train_points = _find_points(by_mode[True], inputs, specs)
-        _check_same_points(points, train_points)
-        train_reads = _reader_points(by_mode[True][PRIMARY], inputs, readers, specs)
-        _check_same_points(read_points, train_reads)
-        graphs[True] = fused_graph(by_mode[True], prefixes, _retarget(fusion_sites, train_points),
-                                   _nodes_of(train_reads))
-    device, dtype = _device_and_dtype(primary)
+        prefixes = {PRIMARY: "primary", **{aux_branch(k): f"aux.{k}" for k in range(len(aux_models))}}
+        graphs = {False: fused_graph(by_mode[False], prefixes, fusion_sites, _nodes_of(read_points))}
+        if _graphs_differ(by_mode[False], by_mode[True]):
+            train_points = _find_points(by_mode[True], inputs, specs)
+            _check_same_points(points, train_points)
+            train_reads = _reader_points(by_mode[True][PRIMARY], inputs, readers, specs)
+            _check_same_points(read_points, train_reads)
+            graphs[True] = fused_graph(by_mode[True], prefixes, _retarget(fusion_sites, train_points),
+                                       _nodes_of(train_reads))
+    device, dtype = device_and_dtype(primary)
     fusions = {name: f.to(device=device, dtype=dtype) for name, f in fusions.items()}
     for branch, module in readers.items():  # last: a failed attach() leaves the AuxModules unbound
         module.bind([_point(t, primary) for t in read_points[branch]])
@@ -139,24 +148,52 @@ def _reader_points(primary: Traced, inputs: tuple, readers: dict[str, AuxModule]
 # ---------------------------------------------------------------------- argument checks
 
 def _check_alpha(alpha_init: object) -> tuple[float, float]:
+    """``(aux_to_primary, primary_to_aux)`` from one gate value or a pair, each a real number in [0, 1]."""
     values = tuple(alpha_init) if isinstance(alpha_init, (tuple, list)) else (alpha_init, alpha_init)
-    if len(values) != 2 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0 for v in values):
+    if len(values) != 2 or not all(is_real(v) and 0.0 <= v <= 1.0 for v in values):
         raise AuxwrapArgumentError(
-            f"alpha_init must be a gate value in [0, 1] (paper: 0.5) or a pair (aux_to_primary, primary_to_aux), "
-            f"got {alpha_init!r}.")
+            f"alpha_init must be a gate value in [0, 1] or a pair (aux_to_primary, primary_to_aux) of them, "
+            f"got {alpha_init!r}; pass e.g. alpha_init=0.5 (the paper's) or alpha_init={DEFAULT_ALPHA_INIT} "
+            "(the authors' released config).")
     return float(values[0]), float(values[1])
+
+
+def _aux_list(aux: object) -> list[object] | None:
+    """The auxiliaries as a list: one module, a sequence of them, or an nn.ModuleList of them (which has no
+    forward of its own: each of its modules is an auxiliary); None where ``aux`` is none of these."""
+    if isinstance(aux, nn.ModuleDict):
+        raise AuxwrapArgumentError(
+            "aux is an nn.ModuleDict, whose keys attach() would lose (auxiliaries are numbered aux0, aux1... in "
+            "order); pass aux=list(modules.values()).")
+    if isinstance(aux, nn.ModuleList):
+        return list(aux)
+    if isinstance(aux, nn.Module):
+        return [aux]
+    return list(aux) if isinstance(aux, Sequence) and not isinstance(aux, str) else None
+
+
+def _check_runnable(branch: str, model: nn.Module) -> None:
+    """A branch must have a forward: an nn.ModuleList, nn.ModuleDict or bare nn.Module has none."""
+    if type(model).forward is nn.Module.forward:
+        raise AuxwrapArgumentError(
+            f"{branch} ({type(model).__name__}) has no forward(), so it cannot be run or traced; pass the model "
+            "that runs (e.g. nn.Sequential(*layers)), or, for several auxiliaries, aux=[model1, model2].")
 
 
 def _check_models(primary: object, aux: object) -> list[nn.Module]:
     if not isinstance(primary, nn.Module):
-        raise AuxwrapArgumentError(f"primary must be an nn.Module, got {type(primary).__name__}.")
-    aux_models = [aux] if isinstance(aux, nn.Module) else list(aux) if isinstance(aux, Sequence) else None
+        raise AuxwrapArgumentError(
+            f"primary must be an nn.Module, got {type(primary).__name__}; pass the model instance "
+            "(e.g. timm.create_model(...)), not its class, name or output.")
+    _check_runnable("primary", primary)
+    aux_models = _aux_list(aux)
     if not aux_models or not all(isinstance(m, nn.Module) for m in aux_models):
         raise AuxwrapArgumentError(
-            f"aux must be an nn.Module or a non-empty sequence of them, got {aux!r:.80}.")
+            f"aux must be an nn.Module or a non-empty sequence of them, got {aux!r:.80}; pass aux=model "
+            "or aux=[model1, model2].")
     owners = {id(p): ("primary", name) for name, p in primary.named_parameters()}
     for k, model in enumerate(aux_models):
+        _check_runnable(aux_branch(k), model)
         if isinstance(model, AuxModule) and model.bound:
             raise AuxwrapArgumentError(
                 f"aux{k} is an AuxModule already attached to another network; create a new AuxModule.")
@@ -174,7 +211,10 @@ def _check_models(primary: object, aux: object) -> list[nn.Module]:
     return aux_models
 
 
-def _check_devices(models: dict[str, nn.Module]) -> None:
+def _check_devices_and_dtypes(models: dict[str, nn.Module]) -> None:
+    """One device for every branch, and one float dtype (:func:`auxwrap.examples.device_and_dtype`) for every
+    branch with floating-point parameters: fusions add one branch's features to the other's. An AuxModule is
+    left out of the dtype check: it is converted to the primary's dtype when bound."""
     devices = {b: {p.device for p in m.parameters()} for b, m in models.items()}
     everywhere = set().union(*devices.values())
     if len(everywhere) > 1:
@@ -182,11 +222,14 @@ def _check_devices(models: dict[str, nn.Module]) -> None:
         raise AuxwrapArgumentError(
             f"the branches are on different devices ({where}); move every model to one device "
             "with .to(device) before attach().")
-
-
-def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+    dtypes = {b: device_and_dtype(m)[1] for b, m in models.items()
+              if not isinstance(m, AuxModule) and any(p.is_floating_point() for p in m.parameters())}
+    if len(set(dtypes.values())) > 1:
+        which = ", ".join(f"{b} {dtype}" for b, dtype in dtypes.items())
+        raise AuxwrapArgumentError(
+            f"the branches have different dtypes ({which}), and a fusion adds one branch's features to the "
+            f"other's; convert every model to one dtype with .to(dtype) before attach(), e.g. "
+            f"aux.to({dtypes[PRIMARY] if PRIMARY in dtypes else next(iter(dtypes.values()))}).")
 
 
 def _tap_specs(taps: object, branches: list[str]) -> dict[str, TapSpec]:
@@ -218,13 +261,17 @@ def _fusion(site: Site, models: dict[str, nn.Module], gate_init: tuple[float, fl
 
 
 def _point(tap: Tap, model: nn.Module) -> Point:
+    """What a fusion needs of ``tap``: layout, channels, and for tokens the prefix and grid the tap found in its
+    tensor (:func:`auxwrap.find_taps`); a token tap made by hand without a grid gets ``model``'s
+    ``num_prefix_tokens`` and a square grid where they fit."""
     if tap.layout != TOKENS:
         return Point(tap.layout, tap.channels)
-    prefix = getattr(model, "num_prefix_tokens", None)
+    if tap.grid is not None:
+        return Point(tap.layout, tap.channels, tap.prefix, tap.grid)
     try:
-        prefix, grid = token_grid(tap.shape[1], prefix)
+        prefix, grid = token_grid(tap.shape[1], getattr(model, "num_prefix_tokens", None))
     except ValueError:
-        return Point(tap.layout, tap.channels, prefix or 0, None)
+        return Point(tap.layout, tap.channels, tap.prefix, None)
     return Point(tap.layout, tap.channels, prefix, grid)
 
 

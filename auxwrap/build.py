@@ -63,11 +63,23 @@ def sites(connections: list[Connection], taps: dict[str, list[Tap]]) -> list[Sit
     for c in connections:
         grouped[(c.dest_branch, c.dest, c.source_branch)].append((by_name[c.source_branch][c.source], c.reads))
     result = []
+    names: set[str] = set()
     for (dest_branch, dest, source_branch), read in grouped.items():
-        name = f"{dest_branch}_{dest}_from_{source_branch}".replace(".", "_")
+        name = _unique(f"{dest_branch}_{dest}_from_{source_branch}".replace(".", "_"), names)
         sources, reads = zip(*read, strict=True)
         result.append(Site(name, dest_branch, by_name[dest_branch][dest], source_branch, sources, reads))
     return result
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """``name``, or ``name_2``, ``name_3``... where it is taken (and take it): points ``a.b`` (a module path)
+    and ``a_b`` (a node name, e.g. the first call of a module called twice) would otherwise share one key."""
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    taken.add(candidate)
+    return candidate
 
 
 def fused_graph(branches: dict[str, Traced], prefixes: dict[str, str], fusion_sites: list[Site],

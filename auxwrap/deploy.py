@@ -188,7 +188,9 @@ def _checked_deploy(net: FusedNet, inputs: tuple, expected: object) -> fx.GraphM
            "auxwrap.attach() on the changed model (and train it) to deploy it. Or a module's forward depends on "
            "state the traced graph does not hold (a Python attribute or flag read at trace time and changed "
            "since, randomness in eval mode): make it a buffer or an input, or register the module as a leaf "
-           "with attach(..., leaf_modules=(...)). The folding is in deployed.fold_report.")
+           "with attach(..., leaf_modules=(...)). Or the model is so ill-conditioned that rounding alone moves "
+           "its output by this much (compare its own float32 output with float64): check the deployment in "
+           "float64 (net.double(), then prune). The folding is in deployed.fold_report.")
     try:
         with torch.no_grad():
             got = deployed(*inputs)

@@ -48,14 +48,30 @@ class Point:
     grid: tuple[int, int] | None = None  # (h, w) of the token grid on the example inputs (tokens)
 
 
-def token_grid(n_tokens: int, prefix: int | None) -> tuple[int, tuple[int, int]]:
-    """Prefix count and (h, w) of a square token grid; the prefix is inferred when not given."""
-    candidates = [prefix] if prefix is not None else range(0, min(n_tokens, 9))
+def token_grid(n_tokens: int, prefix: int | None, aspect: tuple[int, int] | None = None
+               ) -> tuple[int, tuple[int, int]]:
+    """Prefix count and (h, w) grid of ``n_tokens`` tokens: the grid has the ``aspect`` (h, w) of the input
+    image (square where it is not known). ``prefix`` (a model's ``num_prefix_tokens``) is tried first, then
+    0 to 8: a model attribute is not proof that a tensor carries those tokens (XCiT's blocks hold none)."""
+    candidates = ([prefix] if prefix is not None else []) + list(range(0, min(n_tokens, 9)))
     for p in candidates:
-        side = math.isqrt(n_tokens - p)
-        if side * side == n_tokens - p and side > 0:
-            return p, (side, side)
-    raise ValueError(f"{n_tokens} tokens do not form a square grid after {prefix} prefix tokens")
+        grid = _grid_of_aspect(n_tokens - p, aspect or (1, 1))
+        if grid is not None:
+            return p, grid
+    raise ValueError(f"{n_tokens} tokens do not form a grid of aspect {aspect or (1, 1)} after {prefix} "
+                     "or 0 to 8 prefix tokens")
+
+
+def _grid_of_aspect(n: int, aspect: tuple[int, int]) -> tuple[int, int] | None:
+    """The (h, w) with h * w = n and h : w = aspect, if there is one."""
+    ah, aw = aspect
+    if n <= 0 or ah <= 0 or aw <= 0:
+        return None
+    h = math.isqrt(n * ah // aw) if (n * ah) % aw == 0 else 0
+    for candidate in (h, h + 1):  # isqrt rounds down
+        if candidate > 0 and n % candidate == 0 and candidate * aw == (n // candidate) * ah:
+            return candidate, n // candidate
+    return None
 
 
 def to_map(x: torch.Tensor, point: Point) -> torch.Tensor:
@@ -80,15 +96,18 @@ def resize(x: torch.Tensor, source: Point, dest: Point, like: torch.Tensor) -> t
         return resize_map(to_map(x, source), like.shape[1:3]).permute(0, 2, 3, 1)
     if source.layout == TOKENS and source.prefix == dest.prefix and x.shape[1] == like.shape[1]:
         return x
-    # tokens through the destination's grid; its prefix tokens are the source's where they match, else zeros
+    # tokens through the destination's grid; its prefix tokens are the source's where they match, else the
+    # source's mean over its grid (zeros there would leave the weights that a class token's loss reaches, as at
+    # a ViT's last block, without any gradient)
     h, w = _grid(like.shape[1] - dest.prefix, dest.grid)
-    grid = resize_map(to_map(x, source), (h, w)).flatten(2).transpose(1, 2)
+    source_map = to_map(x, source)
+    grid = resize_map(source_map, (h, w)).flatten(2).transpose(1, 2)
     if dest.prefix == 0:
         return grid
     if source.layout == TOKENS and source.prefix == dest.prefix:
         prefix = x[:, :dest.prefix]
     else:
-        prefix = grid.new_zeros(grid.shape[0], dest.prefix, grid.shape[2])
+        prefix = source_map.mean((2, 3)).unsqueeze(1).expand(-1, dest.prefix, -1)
     return torch.cat([prefix, grid], dim=1)
 
 

@@ -6,9 +6,10 @@
   input → output path goes through it) and that has a sibling of its own class doing the same —
   the residual blocks of a ResNet, the attention blocks of a ViT, the MBConv blocks of an EfficientNet;
   where blocks nest (stages of blocks), the innermost level wins;
-- a *unit* is conv/linear → norm → activation (either of the last two may be missing) on the main
-  path, found in plain stacks (an ``nn.Sequential`` of leaf modules, as in VGG) and, where a model
-  has no blocks at all, anywhere on its main path. A block made only of units stays one point.
+- a *unit* is conv/linear → norm → activation (either of the last two may be missing; identity modules
+  between them, timm's ``nn.Identity`` for an absent norm, are looked through) on the main path, found
+  in plain stacks (an ``nn.Sequential`` of leaf modules, as in VGG) and, where a model has no blocks at
+  all, anywhere on its main path. A block made only of units stays one point.
 
 ``"stage"`` gives the last layer point of each resolution stage: timm's ``feature_info`` where the
 model has it, else the places where the spatial size changes. A list of module paths or node names
@@ -17,10 +18,12 @@ picks points by hand; a module path resolves to the last node that module owns.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -28,6 +31,7 @@ from . import analysis
 from .analysis import NCHW, NHWC, TOKENS, VECTOR, Value
 from .errors import AuxwrapArgumentError, AuxwrapTapError
 from .examples import default_example_inputs
+from .fusion import token_grid
 from .trace import Traced, trace
 
 BLOCK, UNIT, STAGE, NAMED = "block", "unit", "stage", "named"
@@ -54,6 +58,8 @@ class Tap:
     layout: str               # "nchw", "nhwc", "tokens", "vector" or "other"
     kind: str                 # "block", "unit", "stage" or "named"
     unit: Unit | None = None  # set where the point ends a conv → norm → activation unit
+    prefix: int = 0           # tokens: the class/register tokens before the grid, as the tensor holds them
+    grid: tuple[int, int] | None = None  # tokens: (h, w) of the token grid; None where the tokens form none
 
     @property
     def channels(self) -> int | None:
@@ -113,6 +119,8 @@ class _TapFinder:
     def __init__(self, traced: Traced, example_inputs: tuple):
         self.traced = traced
         self.values = analysis.propagate(traced, example_inputs)
+        images = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() == 4]
+        self.aspect = tuple(images[0].shape[-2:]) if images else None  # (H, W) of the input image
         self.cuts = analysis.main_path(traced.graph, self.values)
         self.position = {n: i for i, n in enumerate(traced.graph.nodes)}
         self.nodes = {n.name: n for n in traced.graph.nodes}
@@ -128,11 +136,25 @@ class _TapFinder:
         if not found:  # no repeated blocks: a plain network, take its units
             found = self._units(self._tensor_nodes(self.traced.graph.nodes))
         if not found:
-            raise AuxwrapTapError(
-                f"no layer fusion points found in {self.traced.name}: it has no repeated blocks and no "
-                f"conv/linear -> norm -> activation unit on its main path; pass taps=[...] with module "
-                f"paths, e.g. {self._some_paths()}")
+            raise AuxwrapTapError(self._no_layer_points_message())
         return sorted(found, key=lambda t: self.position[self.nodes[t.node]])
+
+    def _no_layer_points_message(self) -> str:
+        repeated: dict[str, list[str]] = {}  # class -> outermost repeated blocks off the main path
+        for path, module in self.traced.modules.items():
+            if type(module) not in _GENERIC_CONTAINERS and self._is_block(path, on_main_path=False) and not any(
+                    path.startswith(f"{p}.") for paths in repeated.values() for p in paths):
+                repeated.setdefault(type(module).__name__, []).append(path)
+        if repeated:
+            listed = "; ".join(f"{', '.join(paths[:3])}{'...' if len(paths) > 3 else ''}: {cls}"
+                               for cls, paths in repeated.items())
+            why = (f"its repeated blocks ({listed}) do not end in one tensor that every path from the input to the "
+                   "output goes through (they pass on several, e.g. one per token stream); pass taps=[...] naming "
+                   "points of one stream (module paths or fx node names inside the blocks)")
+        else:
+            why = ("it has no repeated blocks and no conv/linear -> norm -> activation unit on its main path; pass "
+                   f"taps=[...] with module paths, e.g. {self._some_paths()}")
+        return f"no layer fusion points found in {self.traced.name}: {why}"
 
     def _blocks_within(self, path: str) -> list[Tap]:
         module = self.traced.modules[path]
@@ -140,10 +162,15 @@ class _TapFinder:
             units = self._units(self._owned.get(path, []))
             if units:
                 return units
-        inner = [tap for child in _child_paths(path, module) for tap in self._blocks_within(child)]
+        inner = [tap for child in self._children(path) for tap in self._blocks_within(child)]
         if self._is_block(path) and all(self._weight_count(tap) <= 1 for tap in inner):
             return [self._tap(self._last_node(path), BLOCK, name=self._block_name(path))]
         return inner
+
+    def _children(self, path: str) -> list[str]:
+        """The paths of a module's children; a module registered twice (CoaT's ``serial_blocks1.0.cpe`` is
+        ``cpe1``) only under its first path, the one ``named_modules()`` and the nodes it creates use."""
+        return [p for p in _child_paths(path, self.traced.modules[path]) if p in self.traced.modules]
 
     def _weight_count(self, tap: Tap) -> int:
         if tap.kind == UNIT:
@@ -155,8 +182,7 @@ class _TapFinder:
         (a one-block stage ``s1`` is named ``s1.b1``; ``blocks.0`` holding one block, ``blocks.0.0``)."""
         name = path
         while True:
-            module = self.traced.modules[path]
-            same = [p for p in _child_paths(path, module) if self._owned.get(p) == self._owned[path]]
+            same = [p for p in self._children(path) if self._owned.get(p) == self._owned[path]]
             if not same or self._is_leaf(same[0]):
                 return name
             path = same[0]
@@ -165,7 +191,7 @@ class _TapFinder:
 
     def _is_plain_stack(self, path: str, module: nn.Module) -> bool:
         """An nn.Sequential / nn.ModuleList of leaf modules, as VGG's ``features``."""
-        children = _child_paths(path, module)
+        children = self._children(path)
         return isinstance(module, (nn.Sequential, nn.ModuleList)) and bool(children) and all(
             self._is_leaf(child) for child in children)
 
@@ -175,19 +201,20 @@ class _TapFinder:
         return not any(True for _ in module.children()) or all(
             n.op == "call_module" and n.target == path for n in self._owned.get(path, []))
 
-    def _is_block(self, path: str) -> bool:
-        """Not a leaf, holds a conv/linear, ends on the main path, has a sibling of its class that does too."""
-        if not path or not self._is_block_like(path):
+    def _is_block(self, path: str, on_main_path: bool = True) -> bool:
+        """Not a leaf, holds a conv/linear, ends on the main path (unless ``on_main_path=False``), has a sibling
+        of its class that does too."""
+        if not path or not self._is_block_like(path, on_main_path):
             return False
         parent, _, _ = path.rpartition(".")
         cls = type(self.traced.modules[path])
-        siblings = [p for p in _child_paths(parent, self.traced.modules[parent]) if p != path]
-        return any(type(self.traced.modules[p]) is cls and self._is_block_like(p) for p in siblings)
+        siblings = [p for p in self._children(parent) if p != path]
+        return any(type(self.traced.modules[p]) is cls and self._is_block_like(p, on_main_path) for p in siblings)
 
-    def _is_block_like(self, path: str) -> bool:
+    def _is_block_like(self, path: str, on_main_path: bool = True) -> bool:
         nodes = self._owned.get(path, [])
         return (not self._is_leaf(path) and any(analysis.is_weight_op(self.traced, n) for n in nodes)
-                and self._last_node(path) in self.cuts)
+                and (not on_main_path or self._last_node(path) in self.cuts))
 
     def _units(self, nodes: list[fx.Node]) -> list[Tap]:
         units = []
@@ -201,9 +228,9 @@ class _TapFinder:
     def _unit_from(self, weight: fx.Node) -> Tap | None:
         """weight -> [norm] -> activation, each the sole user of the one before, ending on the main path."""
         norm = activation = None
-        follower = _sole_user(weight)
+        follower = self._next(weight)
         if follower is not None and analysis.is_norm_op(self.traced, follower):
-            norm, follower = follower, _sole_user(follower)
+            norm, follower = follower, self._next(follower)
         activated = norm is not None and analysis.norm_includes_activation(self.traced, norm)
         if not activated and follower is not None and analysis.is_activation(self.traced, follower):
             activation, activated = follower, True
@@ -212,6 +239,13 @@ class _TapFinder:
             return None
         unit = Unit(weight.name, norm.name if norm else None, activation.name if activation else None)
         return self._tap(end, UNIT, unit=unit)
+
+    def _next(self, node: fx.Node) -> fx.Node | None:
+        """The sole user of ``node``, past identity modules (timm's ``nn.Identity`` for an absent norm)."""
+        user = _sole_user(node)
+        while user is not None and _is_identity(self.traced.target_module(user)):
+            user = _sole_user(user)
+        return user
 
     # ---------------------------------------------------------------- stage points
 
@@ -223,7 +257,7 @@ class _TapFinder:
                 f"{self.traced.name} has no resolution stages: all of its {len(layers)} layer points "
                 f"share one resolution ({layers[-1].describe()}); use taps='layer' or name the points, "
                 f"e.g. taps={[t.name for t in layers[2::3]] or [t.name for t in layers]}")
-        return [Tap(t.name, t.node, t.module_path, t.shape, t.layout, STAGE, t.unit) for t in ends]
+        return [dataclasses.replace(t, kind=STAGE) for t in ends]
 
     def _stage_ends_from_feature_info(self, layers: list[Tap]) -> list[Tap]:
         info = getattr(self.traced.model, "feature_info", None)
@@ -289,7 +323,19 @@ class _TapFinder:
         owner = self.traced.owner(node)
         if name is None:
             name = owner if owner and self._last_node(owner) is node else node.name
-        return Tap(name, node.name, owner, shape, analysis.layout_of(self.traced, node, shape), kind, unit)
+        layout = analysis.layout_of(self.traced, node, shape)
+        prefix, grid = self._token_grid(shape[1]) if layout == TOKENS else (0, None)
+        return Tap(name, node.name, owner, shape, layout, kind, unit, prefix, grid)
+
+    def _token_grid(self, n_tokens: int) -> tuple[int, tuple[int, int] | None]:
+        """Prefix and grid of a token point, from its token count and the input's aspect, the model's
+        ``num_prefix_tokens`` tried first (see :func:`auxwrap.fusion.token_grid`)."""
+        hint = getattr(self.traced.model, "num_prefix_tokens", None)
+        hint = hint if isinstance(hint, int) and not isinstance(hint, bool) else None
+        try:
+            return token_grid(n_tokens, hint, self.aspect)
+        except ValueError:
+            return hint or 0, None
 
     def _last_node(self, path: str) -> fx.Node:
         return self._owned[path][-1]
@@ -317,6 +363,13 @@ def _owned_nodes(traced: Traced) -> dict[str, list[fx.Node]]:
 
 def _child_paths(path: str, module: nn.Module) -> list[str]:
     return [f"{path}.{name}" if path else name for name, _ in module.named_children()]
+
+
+def _is_identity(module: nn.Module | None) -> bool:
+    """A module that returns its input: ``nn.Identity``, or a dropout of probability 0 (timm's ``drop=0.``)."""
+    if isinstance(module, nn.Identity):
+        return True
+    return isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0
 
 
 def _sole_user(node: fx.Node) -> fx.Node | None:

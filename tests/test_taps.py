@@ -6,7 +6,7 @@ from torch import nn
 
 import auxwrap
 from auxwrap import analysis
-from auxwrap.taps import BLOCK, NAMED, STAGE, UNIT
+from auxwrap.taps import BLOCK, NAMED, STAGE, UNIT, Tap
 
 from .zoo import ZOO, ResidualNet, build, sequential_cnn
 
@@ -234,3 +234,127 @@ def test_find_taps_takes_a_module_and_traces_it():
     assert auxwrap.find_taps(model, (x,)) == auxwrap.find_taps(auxwrap.trace(model), (x,))
     with pytest.raises(auxwrap.AuxwrapArgumentError, match="takes a model or the result of auxwrap.trace"):
         auxwrap.find_taps("resnet50", (x,))
+
+
+class _NoNorm(nn.Module):
+    """Units whose norm is absent (timm's ``nn.Identity`` in its place) or behind a dropout of probability 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm1, self.act1 = nn.Conv2d(3, 8, 3), nn.Identity(), nn.ReLU()
+        self.conv2, self.drop2, self.bn2, self.act2 = nn.Conv2d(8, 8, 3), nn.Dropout(0.0), nn.BatchNorm2d(8), nn.GELU()
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.act1(self.norm1(self.conv1(x)))
+        x = self.act2(self.bn2(self.drop2(self.conv2(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_identity_modules_are_transparent_in_units():
+    x = torch.randn(2, 3, 12, 12)
+    taps = auxwrap.find_taps(auxwrap.trace(_NoNorm()), (x,))
+    assert [(t.unit.weight, t.unit.norm, t.unit.activation) for t in taps] == [
+        ("conv1", None, "act1"), ("conv2", "bn2", "act2")]
+    torch.manual_seed(0)
+    primary, aux = _NoNorm().eval(), _NoNorm().eval()
+    net = auxwrap.attach(primary, aux, "nas", example_inputs=(x,)).eval()
+    with torch.no_grad():
+        assert torch.equal(net(x).primary, primary(x))
+
+
+def test_a_dropout_that_drops_is_not_transparent():
+    model = _NoNorm()
+    model.norm1 = nn.Dropout(0.5)
+    taps = auxwrap.find_taps(auxwrap.trace(model), (torch.randn(2, 3, 12, 12),))
+    assert [t.unit.weight for t in taps] == ["conv2"]
+
+
+def test_fusion_names_stay_unique_where_tap_names_differ_only_by_dots():
+    """``a.b`` (a module path) and ``a_b`` (a node name) gave two fusions one key: EfficientViT-M3 calls its
+    patch-merge activation twice, and one fusion got the other's source channels."""
+    from auxwrap.build import sites
+    from auxwrap.plan import Connection
+
+    shape = (2, 4, 4, 4)
+    taps = {"primary": [Tap("a_b", "n1", "a", shape, "nchw", UNIT), Tap("a.b", "n2", "a.b", shape, "nchw", UNIT)],
+            "aux0": [Tap("s", "m1", "s", (2, 8, 4, 4), "nchw", UNIT)]}
+    links = [Connection("aux0", "s", "primary", dest, "aux->primary") for dest in ("a_b", "a.b")]
+    found = sites(links, taps)
+    assert len({s.name for s in found}) == 2 and [s.dest.name for s in found] == ["a_b", "a.b"]
+
+
+def test_efficientvit_fuses_both_calls_of_its_patch_merge_activation():
+    x = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)
+    primary, aux = (timm.create_model("efficientvit_m0", num_classes=5).eval() for _ in range(2))
+    net = auxwrap.attach(primary, aux, "grad", example_inputs=(x,)).eval()
+    placed = list(net.fusion_sites())
+    assert len(net.fusions) == len(placed) == len({s.name for s, _ in placed})
+    assert sum("patchmerge_act" in s.dest.name.replace(".", "_") for s, _ in placed) == 4  # 2 calls in 2 stages
+    with torch.no_grad():
+        assert torch.equal(net(x).primary, primary(x)) and torch.equal(net(x).aux[0], aux(x))
+
+
+class _PosBlock(nn.Module):
+    def __init__(self, pos: nn.Module):
+        super().__init__()
+        self.pos, self.conv = pos, nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return x + self.conv(torch.relu(self.pos(x)))
+
+
+class _SharedPosition(nn.Module):
+    """Blocks that hold one module between them, registered first at the root (CoaT's ``cpe1`` is also
+    ``serial_blocks1.0.cpe``): ``named_modules()`` knows it by its first path only."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_PosBlock(self.pos), _PosBlock(self.pos))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_blocks_holding_a_shared_module_are_found():
+    x = torch.randn(2, 3, 8, 8)
+    assert [t.name for t in auxwrap.find_taps(auxwrap.trace(_SharedPosition()), (x,))] == ["blocks.0", "blocks.1"]
+    primary, aux = _SharedPosition().eval(), _SharedPosition().eval()
+    net = auxwrap.attach(primary, aux, "grad", example_inputs=(x,)).eval()
+    with torch.no_grad():
+        assert torch.equal(net(x).aux[0], aux(x))
+
+
+class _StreamBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, xs):
+        a, b = xs
+        return [a + self.a(b), b + self.b(a)]
+
+
+class _TwoStreams(nn.Module):
+    """Blocks that pass two token streams on, as CrossViT's: no single tensor between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_StreamBlock(), _StreamBlock())
+
+    def forward(self, x):
+        a, b = self.blocks([x, x * 2])
+        return a + b
+
+
+def test_blocks_that_pass_several_tensors_on_are_named_in_the_error():
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(auxwrap.AuxwrapTapError, match=r"its repeated blocks \(blocks.0, blocks.1: _StreamBlock\) do "
+                                                      r"not end in one tensor.*taps=\[\.\.\.\] naming points of one"):
+        auxwrap.find_taps(auxwrap.trace(_TwoStreams()), (x,))
+    net = auxwrap.attach(_TwoStreams(), _TwoStreams(), "nas", taps=["blocks.0.a", "blocks.1.a"], example_inputs=(x,))
+    assert {s.dest.name for s, _ in net.fusion_sites()} == {"blocks.1.a"}  # one each way: the paper window
