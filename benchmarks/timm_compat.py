@@ -49,7 +49,7 @@ import time
 import traceback
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python -m benchmarks.timm_compat` as well
@@ -63,6 +63,7 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 
 import auxwrap  # noqa: E402
 from auxwrap.deploy import cut_links  # noqa: E402
+from auxwrap.trace import kept_as_found  # noqa: E402
 
 NAME = "timm_compat"
 COLUMNS = ("name", "family", "params", "img_size", "dtype", "fp32_noise", "status", "error", "stage", "message",
@@ -151,31 +152,15 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor, dict]:
             torch.manual_seed(0)
             model = timm.create_model(name, num_classes=CLASSES, **kwargs)
             x = torch.randn(BATCH, 3, *size)
-            with torch.no_grad(), untouched(model):
+            # a train-mode probe moves BatchNorm statistics: a few batches of 2 at 64 px shrank them until
+            # tf_efficientnet_lite4's fp32 output was 2e-5 off fp64, more than deployment may change it
+            with torch.no_grad(), kept_as_found(model):
                 model.train()(x)
                 model.eval()(x)
             return model, x, kwargs
         except Exception as error:  # noqa: PERF203
             errors.append(f"{size} {kwargs}: {type(error).__name__}: {error}")
     raise Skip("does not run at any size tried: " + " | ".join(e[:200] for e in errors))
-
-
-@contextlib.contextmanager
-def untouched(model: nn.Module, keep_buffers: bool = False) -> Iterator[None]:
-    """Restore ``model``'s train/eval flags and (unless ``keep_buffers``) its buffers afterwards: a probe in train
-    mode moves BatchNorm's running statistics, and a few batches of 2 at 64 px shrank their variances until the
-    model's fp32 output was 2e-5 off its fp64 value (tf_efficientnet_lite4), more than deployment may change it."""
-    buffers = {} if keep_buffers else {name: b.clone() for name, b in model.named_buffers()}
-    flags = {m: m.training for m in model.modules()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
-        for m, flag in flags.items():
-            m.training = flag
 
 
 def fp32_noise(model: nn.Module, x: torch.Tensor) -> float:
@@ -193,7 +178,7 @@ def timm_fx_traces(model: nn.Module, x: torch.Tensor) -> None:
     from torchvision.models.feature_extraction import create_feature_extractor
 
     try:
-        with untouched(model):
+        with kept_as_found(model):
             train_nodes, eval_nodes = get_graph_node_names(model)
             extractor = create_feature_extractor(
                 model, train_return_nodes=train_nodes[-1:], eval_return_nodes=eval_nodes[-1:],
