@@ -4,7 +4,7 @@ The way through the code (DESIGN §5): :mod:`auxwrap.trace` (model -> fx graph w
 :mod:`auxwrap.taps` (ordered fusion points with shapes) -> plan -> build -> train -> prune/detach -> count.
 """
 
-from . import data, mto
+from . import mto
 from .attach import attach
 from .auxmodule import AuxModule
 from .deploy import AuxwrapDeployError, AuxwrapPruneError, AuxwrapPruneWarning, export, export_onnx, prune
@@ -50,7 +50,6 @@ __all__ = [
     "count_norm_layers",
     "count_parameters",
     "cut_error",
-    "data",
     "default_example_inputs",
     "export",
     "export_onnx",

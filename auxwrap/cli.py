@@ -14,13 +14,13 @@ import torch
 
 from . import __version__
 from .attach import attach
+from .demo.models import build_model
 from .errors import AuxwrapError
 from .flops import report
-from .models import build_model
 from .taps import Tap, find_taps
 from .trace import trace
 
-#: what the demo trains, on the few-label task of :mod:`auxwrap.experiments`
+#: what the demo trains, on the few-label task of :mod:`auxwrap.demo.experiments`
 DEMO_TASK = "scenes-few"
 DEMO_METHODS = ("single", "aux-g-layer", "aux-nas")
 
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _demo(quick: bool, seeds: int, jobs: int, out: Path) -> int:
     """Single, Aux-G and Aux-NAS on a few-label task over several seeds; paired differences, in plain words."""
-    from . import compare, experiments
+    from .demo import compare, experiments
     from .plot import plot_gates
 
     config = experiments.FULL[DEMO_TASK]  # the accuracy benchmark's scenes-few runs, seeds 0..seeds-1
@@ -124,6 +124,6 @@ def _tap_table(taps: list[Tap], stage_names: set[str]) -> str:
     rows = [("#", "fusion point", "kind", "layout", "shape", "stage end")]
     rows += [(str(i), t.name, t.kind, t.layout, "x".join(map(str, t.shape[1:])), "yes" if t.name in stage_names else "")
              for i, t in enumerate(taps)]
-    from .compare import format_table
+    from .demo.compare import format_table
 
     return format_table(rows, indent="  ")

@@ -1,6 +1,6 @@
 """Ablation of Aux-NAS on one task: which of its choices matter, each measured against Single and Aux-G-Layer.
 
-Every row is the task's FULL config (:data:`auxwrap.experiments.FULL`, the accuracy benchmark's) with one change,
+Every row is the task's FULL config (:data:`auxwrap.demo.experiments.FULL`, the accuracy benchmark's) with one change,
 grouped by factor (the table :data:`VARIANTS` below); the rows without a change are the base config, run once
 and shown in every factor's table. Each row runs on ``--seeds`` seeds, and each is compared with Single and with
 Aux-G-Layer *of the same protocol* by the per-seed (paired) difference: the same seed gives every method the
@@ -29,7 +29,7 @@ from pathlib import Path
 import common
 from common import METRICS, fmt_delta, fmt_metric, paired
 
-from auxwrap.experiments import FULL, QUICK, TASKS, Config, method_label
+from auxwrap.demo.experiments import FULL, QUICK, TASKS, Config, method_label
 
 #: The ablation, one row per line: (factor, variant name, overrides of the task's FULL config, method).
 #: A row without overrides is the base config; identical (method, config) pairs run once.
@@ -126,7 +126,8 @@ def write_markdown(results: Mapping[tuple, dict], rows: list[tuple], base: Confi
         "",
         *common.produced_by(args.command, wall, args.jobs, loads),
         "",
-        f"Base: the {'QUICK' if args.quick else 'FULL'} config of `{args.task}` (`auxwrap.experiments`): `{fields}`. "
+        f"Base: the {'QUICK' if args.quick else 'FULL'} config of `{args.task}` (`auxwrap.demo.experiments`): "
+        f"`{fields}`. "
         "Each row changes one thing of it (the table `VARIANTS` of `benchmarks/ablation.py`); rows without a "
         "change are the base, run once and repeated in every factor's table.",
         "",

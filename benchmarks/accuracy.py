@@ -2,7 +2,7 @@
 
 Every method trains the same built-in model with the same optimiser and number of weight steps, under the
 protocol of the task's FULL config (the paper's: both single-task models pretrained first, every method of a
-seed starting from the same weights; see :mod:`auxwrap.experiments`), is pruned to the primary alone and scored
+seed starting from the same weights; see :mod:`auxwrap.demo.experiments`), is pruned to the primary alone and scored
 on the test split; mean +- std over seeds, the paired differences to Single and to Aux-G-Layer, deployed FLOPs
 and parameters beside it, and the issue's two targets per task. Writes accuracy.csv (one row per run),
 accuracy.md (the summary, machine, versions, command) and accuracy.png to ``--out`` (default: benchmarks/results,
@@ -30,7 +30,7 @@ from pathlib import Path
 import common
 from common import METRICS, PERCENT, fmt_delta, fmt_metric, mean_std, paired
 
-from auxwrap.experiments import FULL, METHODS, QUICK, TASKS, Config, method_label, pretrain_epochs
+from auxwrap.demo.experiments import FULL, METHODS, QUICK, TASKS, Config, method_label, pretrain_epochs
 
 NOTES = "<!-- notes -->"
 BASELINES = ("single", "aux-g-layer")  # the paired differences of the tables and the targets

@@ -5,7 +5,7 @@ Each benchmark writes ``NAME.csv`` (the measurements), ``NAME.md`` (the human re
 ``benchmarks/readme.py`` can rebuild the README's results section from files, never by hand.
 
 The training benchmarks (``accuracy.py``, ``ablation.py``) share :func:`train_grid`: runs of
-:func:`auxwrap.experiments.run` on worker processes, each single-task pretraining done once and sent to
+:func:`auxwrap.demo.experiments.run` on worker processes, each single-task pretraining done once and sent to
 every run that starts from it; and the paired differences and formats of their reports.
 
 Timing follows one rule: configurations that are compared are timed in ONE process, their repeats
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from auxwrap.compare import (  # noqa: F401
+from auxwrap.demo.compare import (  # noqa: F401
     METRICS,
     PERCENT,
     cpu_model,
@@ -46,7 +46,7 @@ from auxwrap.compare import (  # noqa: F401
     train_grid,
     training_machine,
 )
-from auxwrap.models import build_model
+from auxwrap.demo.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from auxwrap import data
+from auxwrap.demo import data
 from auxwrap.errors import AuxwrapArgumentError
 
 # ---------------------------------------------------------------------------------------------- digit pairs

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import auxwrap
-from auxwrap import data, experiments
-from auxwrap.experiments import METHODS, Config, DigitNet, SceneClassNet, SceneNet, make_task, pretrain, run
+from auxwrap.demo import data, experiments
+from auxwrap.demo.experiments import METHODS, Config, DigitNet, SceneClassNet, SceneNet, make_task, pretrain, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Config(width=4, blocks=1, epochs=2, batch_size=16, n_train=64, n_val=32, n_test=32, size=32, progress=False)

@@ -1,6 +1,6 @@
 """A small training harness shared by ``python -m auxwrap demo`` and ``benchmarks/accuracy.py``.
 
-Built-in models (random init, nothing downloaded) for the tasks of :mod:`auxwrap.data`, and one
+Built-in models (random init, nothing downloaded) for the tasks of :mod:`auxwrap.demo.data`, and one
 function, :func:`run`, that trains one method on one task and evaluates the *deployed* primary:
 
 - ``"single"``: the primary alone.
@@ -45,16 +45,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from . import data, mto
-from .attach import DEFAULT_ALPHA_INIT, attach
-from .auxmodule import AuxModule
-from .deploy import fold_module, prune
-from .errors import AuxwrapArgumentError, is_integer
-from .flops import count_flops, count_parameters
-from .fused import FusedNet
-from .fusion import DEFAULT_GATE
-from .plan import DEFAULT_WINDOW_FORM
-from .search import DEFAULT_DECAY, Search, search_loaders
+from .. import mto
+from ..attach import DEFAULT_ALPHA_INIT, attach
+from ..auxmodule import AuxModule
+from ..deploy import fold_module, prune
+from ..errors import AuxwrapArgumentError, is_integer
+from ..flops import count_flops, count_parameters
+from ..fused import FusedNet
+from ..fusion import DEFAULT_GATE
+from ..plan import DEFAULT_WINDOW_FORM
+from ..search import DEFAULT_DECAY, Search, search_loaders
+from . import data
 
 __all__ = [
     "FULL",
@@ -744,7 +745,7 @@ def _starting_states(task: Task, method: str, seed: int, config: Config,
     missing = [part for part in parts if part not in given]
     if missing:
         raise AuxwrapArgumentError(f"pretrained= lacks {missing} for method={method!r}: give a state_dict per part "
-                                   f"{parts} (see auxwrap.experiments.pretrain).")
+                                   f"{parts} (see auxwrap.demo.experiments.pretrain).")
     return {part: given[part] for part in parts}
 
 

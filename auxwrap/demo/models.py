@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import AuxwrapArgumentError
+from ..errors import AuxwrapArgumentError
 
 SOURCES = ("timm", "torchvision")
 

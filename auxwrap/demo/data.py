@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from .errors import AuxwrapArgumentError, is_integer, is_real
+from ..errors import AuxwrapArgumentError, is_integer, is_real
 
 __all__ = [
     "AUX_CLASSES",

@@ -1,6 +1,6 @@
 """Comparing methods fairly: many trainings on worker processes, and their paired differences.
 
-:func:`train_grid` trains and scores runs of :func:`auxwrap.experiments.run` on a process pool; under the
+:func:`train_grid` trains and scores runs of :func:`auxwrap.demo.experiments.run` on a process pool; under the
 "pretrained" protocol each single-task pretraining is done once and every run of that seed starts from it.
 :func:`paired` is the comparison every report uses: the per-seed difference between two methods (the same seed
 gives both the same primary init, pretrained weights and batch order), its mean and standard deviation over
@@ -35,7 +35,7 @@ from .experiments import (
 __all__ = ["METRICS", "PERCENT", "cpu_model", "fmt_delta", "fmt_metric", "format_table", "mean_std", "noise_words",
            "paired", "side_by_side", "train_grid", "training_machine"]
 
-#: per task of :mod:`auxwrap.experiments`: the metrics reported (the first one is the headline), and whether
+#: per task of :mod:`auxwrap.demo.experiments`: the metrics reported (the first one is the headline), and whether
 #: lower is better
 METRICS = {
     "digits": (("accuracy", False),),
@@ -210,7 +210,7 @@ def training_machine() -> str:
     """The machine and versions line of the training reports (the demo's and the benchmarks')."""
     import timm
 
-    from . import __version__
+    from .. import __version__
 
     return (f"{cpu_model()}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}; Python "
             f"{platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, auxwrap {__version__}")
