@@ -17,20 +17,21 @@ from . import analysis
 from .analysis import TOKENS
 from .auxmodule import AuxModule
 from .build import Site, fused_graph, sites
-from .errors import AuxwrapArgumentError, AuxwrapTapError, is_real
+from .deploy import detach_primary
+from .errors import AuxwrapArgumentError, AuxwrapTapError, argument_error, check_real
 from .examples import default_example_inputs, device_and_dtype
 from .fused import FusedNet
 from .fusion import DEFAULT_GATE, Fusion, Point, check_gate, token_grid
 from .plan import (
     DEFAULT_WINDOW_FORM,
     PRIMARY,
-    TO_AUX,
     AuxwrapPairingError,
     Connection,
     aux_branch,
     check_mode,
     check_window,
     check_window_form,
+    direction,
     plan,
 )
 from .taps import Tap, find_taps
@@ -81,7 +82,9 @@ def attach(
             gates are fixed at 1.
         gate: how a gate's value comes from its parameter in mode="nas": ``"sigmoid"`` (the authors') or
             ``"clamp"`` (straight-through clamp to [0, 1]); see :mod:`auxwrap.fusion`.
-        leaf_modules, autowrap_functions, concrete_args: passed to :func:`auxwrap.trace` for every branch.
+        leaf_modules: passed to :func:`auxwrap.trace` for every branch (modules kept as one opaque call).
+        autowrap_functions: passed to :func:`auxwrap.trace` for every branch (functions kept as one call).
+        concrete_args: passed to :func:`auxwrap.trace` for every branch (forward() arguments fixed to a value).
 
     Returns:
         A :class:`FusedNet`; ``net(x)`` returns ``AuxOutput(primary=..., aux=(...))``.
@@ -130,10 +133,10 @@ def attach(
     for branch, module in readers.items():  # last: a failed attach() leaves the AuxModules unbound
         module.bind([_point(t, primary) for t in read_points[branch]])
         module.to(device=device, dtype=dtype)
-    reads = [Connection(PRIMARY, t.name, b, f"adaptor{i}", TO_AUX) for b, taps in read_points.items()
+    reads = [Connection(PRIMARY, t.name, b, f"adaptor{i}", direction(b)) for b, taps in read_points.items()
              for i, t in enumerate(taps)]
     net = FusedNet(primary, aux_models, fusions, graphs, mode, {**points, **read_points}, connections + reads,
-                   fusion_sites, inputs, trace_options)
+                   fusion_sites, inputs, trace_options, detach=detach_primary)
     net.window, net.window_form = window, window_form  # the window the connections were planned with
     return net
 
@@ -149,13 +152,16 @@ def _reader_points(primary: Traced, inputs: tuple, readers: dict[str, AuxModule]
 
 def _check_alpha(alpha_init: object) -> tuple[float, float]:
     """``(aux_to_primary, primary_to_aux)`` from one gate value or a pair, each a real number in [0, 1]."""
-    values = tuple(alpha_init) if isinstance(alpha_init, (tuple, list)) else (alpha_init, alpha_init)
-    if len(values) != 2 or not all(is_real(v) and 0.0 <= v <= 1.0 for v in values):
-        raise AuxwrapArgumentError(
-            f"alpha_init must be a gate value in [0, 1] or a pair (aux_to_primary, primary_to_aux) of them, "
-            f"got {alpha_init!r}; pass e.g. alpha_init=0.5 (the paper's) or alpha_init={DEFAULT_ALPHA_INIT} "
-            "(the authors' released config).")
-    return float(values[0]), float(values[1])
+    allowed = "a gate value in [0, 1] or a pair (aux_to_primary, primary_to_aux) of them"
+    fix = (f"pass e.g. alpha_init=0.5 (the paper's) or alpha_init={DEFAULT_ALPHA_INIT} (the authors' released "
+           "config)")
+    if not isinstance(alpha_init, (tuple, list)):
+        value = check_real("alpha_init", alpha_init, 0.0, 1.0, allowed=allowed, fix=fix)
+        return value, value
+    if len(alpha_init) != 2:
+        raise argument_error("alpha_init", alpha_init, allowed, fix=fix)
+    return tuple(check_real(f"alpha_init[{i}]", v, 0.0, 1.0, allowed="a gate value in [0, 1]", fix=fix)
+                 for i, v in enumerate(alpha_init))
 
 
 def _aux_list(aux: object) -> list[object] | None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .analysis import VECTOR
-from .errors import AuxwrapArgumentError, is_integer
+from .errors import AuxwrapArgumentError, check_choice, check_int
 from .fusion import Point, resize_map, to_map
 
 ADAPTORS = ("1x1", "3x3")
@@ -50,16 +50,13 @@ class AuxModule(nn.Module):
         head = "classifier" if head is None else head
         if isinstance(head, str):
             _check_choice("head", head, HEADS)
-            if not is_integer(num_outputs) or num_outputs < 1:
-                raise AuxwrapArgumentError(
-                    f"AuxModule(head={head!r}) needs num_outputs, a positive int (classes or output channels), "
-                    f"got {num_outputs!r}; or pass your own head module.")
+            check_int("num_outputs", num_outputs, 1, allowed="a positive int", why="classes or output channels",
+                      fix=f"AuxModule(head={head!r}) needs num_outputs, e.g. num_outputs=10; or pass your own head")
         elif not isinstance(head, nn.Module):
             raise AuxwrapArgumentError(f"head must be 'classifier', 'dense' or an nn.Module, got {head!r}.")
         _check_choice("adaptor", adaptor, ADAPTORS)
         _check_choice("aggregate", aggregate, AGGREGATES)
-        if not is_integer(hidden) or hidden < 1:
-            raise AuxwrapArgumentError(f"hidden must be a positive int, got {hidden!r}.")
+        check_int("hidden", hidden, 1, allowed="a positive int")
         self.num_outputs, self.head_kind, self.adaptor_kind = num_outputs, head, adaptor
         self.aggregate, self.hidden, self.taps = aggregate, hidden, taps
         self.points: list[Point] = []
@@ -125,5 +122,5 @@ def _as_map(feature: torch.Tensor, point: Point) -> torch.Tensor:
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise AuxwrapArgumentError(f"{name}={value!r} is not one of {choices}.")
+    """:func:`auxwrap.errors.check_choice`, its fix written as ``name=value is not one of (...)``."""
+    check_choice(name, value, choices, fix=f"{name}={value!r} is not one of {choices}")

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch.fx as fx
 
 from .analysis import mutates_input
 from .errors import AuxwrapArgumentError
-from .plan import BEFORE, OUTPUT, Connection
+from .plan import BEFORE, OUTPUT, Connection, direction
 from .taps import Tap
 from .trace import MODULE_PATH, Traced
 
@@ -54,6 +55,14 @@ class Site:
     source_branch: str
     sources: tuple[Tap, ...]
     reads: tuple[str, ...]     # how each source is read: "output" or "before" (``plan.Connection.reads``)
+
+    def connections(self, gates: Sequence[float] | None = None) -> list[Connection]:
+        """The connection of each source, in the order of the fusion's gate vector: the connections
+        :func:`sites` grouped here, with ``gates`` as their gate values (None: left unset)."""
+        values = [None] * len(self.sources) if gates is None else gates
+        return [Connection(self.source_branch, source.name, self.dest_branch, self.dest.name,
+                           direction(self.dest_branch), gate, reads)
+                for source, reads, gate in zip(self.sources, self.reads, values, strict=True)]
 
 
 def sites(connections: list[Connection], taps: dict[str, list[Tap]]) -> list[Site]:

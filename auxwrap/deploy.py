@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .analysis import as_input_tuple, eval_mode
-from .errors import AuxwrapArgumentError, AuxwrapError, is_real
+from .errors import AuxwrapArgumentError, AuxwrapError, check_real
 from .fold import fold_batchnorm
 from .fused import FusedNet, unwrap
 from .plan import PRIMARY
@@ -138,12 +137,9 @@ def _fused_net(net: object, caller: str) -> FusedNet:
 
 
 def _check_tol(tol: object) -> float:
-    if not is_real(tol) or not math.isfinite(tol) or tol < 0:
-        raise AuxwrapArgumentError(
-            f"tol must be a finite number >= 0, the largest relative change of the primary's output that "
-            f"cutting the auxiliary -> primary links may cause, got {tol!r}; e.g. prune(net, tol=1e-3) "
-            "(default 1e-4; 0 accepts only links that change nothing).")
-    return float(tol)
+    return check_real("tol", tol, 0.0, why="the largest relative change of the primary's output that cutting "
+                      "the auxiliary -> primary links may cause",
+                      fix="e.g. prune(net, tol=1e-3) (default 1e-4; 0 accepts only links that change nothing)")
 
 
 def _probe_inputs(net: FusedNet, probe: object) -> tuple:
@@ -229,9 +225,8 @@ def _finite(value: object) -> bool:
 
 def cut_links(net: FusedNet) -> None:
     """Set every auxiliary -> primary gate to exactly zero."""
-    for _, fusion in net.fusion_sites(dest_branch=PRIMARY):
-        if fusion.gate is not None:
-            fusion.cut()
+    for _, fusion in net.gated_sites(PRIMARY):
+        fusion.cut()
 
 
 def measure_cut(net: FusedNet, inputs: tuple) -> tuple[float, list[LinkContribution]]:
@@ -247,7 +242,7 @@ def _cut_outputs(net: FusedNet, inputs: tuple) -> tuple[object, object, list[Lin
     contributions: list[LinkContribution] = []
     hooks = [fusion.register_forward_hook(_recorder(site, fusion, contributions))
              for site, fusion in net.fusion_sites(dest_branch=PRIMARY)]
-    gated = [f for _, f in net.fusion_sites(dest_branch=PRIMARY) if f.gate is not None]
+    gated = [fusion for _, fusion in net.gated_sites(PRIMARY)]
     saved = [f.live.clone() for f in gated]
     try:
         with _naming_the_probe(net, inputs), eval_mode(net), torch.no_grad():
@@ -268,9 +263,9 @@ def _recorder(site, fusion, out: list[LinkContribution]):  # noqa: ANN001, ANN20
     def hook(module, args, _output) -> None:  # noqa: ANN001
         dest, *sources = args
         scale = dest.norm().clamp_min(1e-12)
-        gates = fusion.gates().tolist()
-        for tap, gate, part in zip(site.sources, gates, fusion.source_contributions(dest, *sources), strict=True):
-            out.append(LinkContribution(site.source_branch, tap.name, site.dest.name, gate,
+        links = site.connections(fusion.gates().tolist())
+        for link, part in zip(links, fusion.source_contributions(dest, *sources), strict=True):
+            out.append(LinkContribution(link.source_branch, link.source, link.dest, link.gate,
                                         float(part.norm() / scale)))
     return hook
 
@@ -288,10 +283,9 @@ def _live_links(net: FusedNet) -> list[str]:
     """Auxiliary -> primary links whose gate and weights are both non-zero."""
     live = []
     for site, fusion in net.fusion_sites(dest_branch=PRIMARY):
-        gates = fusion.gates().tolist()
-        for j, (tap, gate) in enumerate(zip(site.sources, gates, strict=True)):
-            if gate != 0.0 and bool(fusion.source_weight(j).any()):
-                live.append(f"{site.source_branch}.{tap.name} -> primary.{site.dest.name} (gate {gate:.3g})")
+        for j, link in enumerate(site.connections(fusion.gates().tolist())):
+            if link.gate != 0.0 and bool(fusion.source_weight(j).any()):
+                live.append(f"{link.source_branch}.{link.source} -> primary.{link.dest} (gate {link.gate:.3g})")
     return live
 
 

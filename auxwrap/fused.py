@@ -6,6 +6,10 @@ parameter names are the originals under a branch prefix and an optimizer built o
 and one for eval mode where the branches trace differently (timm's DropPath), else one for both.
 It pickles (``torch.save``, ``copy.deepcopy``) with its graphs as flat node lists, whatever their size,
 and ``.to()`` moves its example inputs with its parameters.
+
+Detaching the primary is :mod:`auxwrap.deploy`'s work, which builds on this module: attach() hands each
+network deploy's ``detach_primary`` (``detach``), so that this module never imports deploy. It is kept on the
+network by reference: an unpickled network imports deploy again to detach.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class FusedNet(nn.Module):
     def __init__(self, primary: nn.Module, aux: list[nn.Module], fusions: dict[str, Fusion],
                  graphs: dict[bool, fx.Graph], mode: str, taps: dict[str, list[Tap]],
                  connections: list[Connection], sites: list[Site], example_inputs: tuple,
-                 trace_options: dict[str, Any]):
+                 trace_options: dict[str, Any], detach: Callable[[FusedNet, Any], fx.GraphModule]):
         super().__init__()
         self.primary = primary
         self.aux = nn.ModuleList(aux)
@@ -51,6 +55,7 @@ class FusedNet(nn.Module):
         self.example_inputs = tuple(x.detach() if hasattr(x, "detach") else x for x in example_inputs)
         self.trace_options = trace_options
         self.deployed = False
+        self._detach = detach  # auxwrap.deploy.detach_primary
         self._graphs = graphs
         self._links = connections
         self._sites = sites
@@ -118,7 +123,7 @@ class FusedNet(nn.Module):
 
     def arch_parameters(self) -> list[nn.Parameter]:
         """The gates alpha of every connection (empty in mode="grad", where they are fixed at 1)."""
-        return [f.gate for f in self.fusions.values() if f.gate is not None]
+        return [fusion.gate for _, fusion in self.gated_sites()]
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """Everything else: both branches and the fusion weights."""
@@ -127,14 +132,10 @@ class FusedNet(nn.Module):
 
     def connections(self) -> list[Connection]:
         """Every connection with its current gate value (1.0 for Aux-G's fixed gates)."""
-        gates = {}
-        for site in self._sites:
-            values = self.fusions[site.name].gates().tolist()
-            for source, value in zip(site.sources, values, strict=True):
-                gates[(site.source_branch, source.name, site.dest_branch, site.dest.name)] = value
-        # an AuxModule's reads have no gate: they are always on (1.0), as Aux-G's links
-        return [dataclasses.replace(c, gate=gates.get((c.source_branch, c.source, c.dest_branch, c.dest), 1.0))
-                for c in self._links]
+        gated = {dataclasses.replace(c, gate=None): c for site, fusion in self.fusion_sites()
+                 for c in site.connections(fusion.gates().tolist())}
+        # an AuxModule's reads have no fusion and no gate: they are always on (1.0), as Aux-G's links
+        return [gated.get(c, dataclasses.replace(c, gate=1.0)) for c in self._links]
 
     def fusion_sites(self, dest_branch: str | None = None) -> Iterator[tuple[Site, Fusion]]:
         """Each fusion module with where it sits, optionally only those entering ``dest_branch``."""
@@ -142,14 +143,22 @@ class FusedNet(nn.Module):
             if dest_branch is None or site.dest_branch == dest_branch:
                 yield site, self.fusions[site.name]
 
+    def gated_sites(self, dest_branch: str | None = None) -> list[tuple[Site, Fusion]]:
+        """The fusion modules with learnable gates (mode="nas"), in site order, optionally only those entering
+        ``dest_branch``: ``gated_sites(PRIMARY)`` holds the auxiliary -> primary gates alpha^P, which the
+        search's L1 term penalises and :func:`auxwrap.prune` cuts."""
+        return [(site, fusion) for site, fusion in self.fusion_sites(dest_branch) if fusion.gate is not None]
+
+    def gate_connections(self) -> list[Connection]:
+        """The connection of every learnable gate, in the order of :meth:`arch_parameters`' gate vectors."""
+        return [c for site, _ in self.gated_sites() for c in site.connections()]
+
     # ------------------------------------------------------------------ deployment
 
     def detach_primary(self, probe: Any = None) -> fx.GraphModule:
         """The primary alone: a new eval-mode GraphModule, BatchNorms folded, checked against this network's
         primary output on ``probe`` (default: the example inputs); see :func:`auxwrap.deploy.detach_primary`."""
-        from .deploy import detach_primary
-
-        return detach_primary(self, probe)
+        return self._detach(self, probe)
 
     def switch_to_deploy(self) -> None:
         """In place, as RepVGG / timm's ``reparameterize_model`` expect: from now on this module runs the

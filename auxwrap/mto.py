@@ -31,7 +31,6 @@ the synchronised call then averages everything accumulated.
 from __future__ import annotations
 
 import functools
-import math
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -41,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import AuxwrapArgumentError, is_integer, is_real
+from .errors import AuxwrapArgumentError, check_choice, check_int, check_real, is_integer
 from .fused import FusedNet
 from .search import mean_over_ranks
 
@@ -502,16 +501,13 @@ def _accumulate(params: list[Tensor], grads: list[Tensor | None]) -> None:
 
 def _check_method(method: Any) -> str:
     name = method.lower().replace("_", "-") if isinstance(method, str) else method
-    if name not in METHODS:
-        raise AuxwrapArgumentError(f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}")
+    if name not in METHODS:  # spelt any way ("PCGrad_Aux") and still none of them: refuse what was given
+        check_choice("method", method, METHODS)
     return name
 
 
 def _check_num_tasks(num_tasks: Any) -> int:
-    if not is_integer(num_tasks) or num_tasks < 2:
-        raise AuxwrapArgumentError(
-            f"num_tasks must be an int >= 2 (the primary and at least one auxiliary), got {num_tasks!r}")
-    return num_tasks
+    return check_int("num_tasks", num_tasks, 2, why="the primary and at least one auxiliary")
 
 
 def _check_losses(losses: Any, num_tasks: int | None = None) -> list[Tensor]:
@@ -549,7 +545,7 @@ def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         valid = ", ".join(defaults) or "none"
         raise AuxwrapArgumentError(f"unknown option(s) {', '.join(unknown)} for method {method!r}; valid: {valid}")
     merged = {**defaults, **options}
-    checks = {"init": _check_real, "window": _check_window, "temperature": _check_temperature,
+    checks = {"init": _check_init, "window": _check_window, "temperature": _check_temperature,
               "seed": _check_seed, "generator": _check_generator, "c": _check_c, "rescale": _check_rescale}
     merged = {k: checks[k](v) for k, v in merged.items()}
     if merged.get("seed") is not None and merged.get("generator") is not None:
@@ -557,23 +553,16 @@ def _check_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _check_real(value: Any, name: str = "init") -> float:
-    if not is_real(value) or not math.isfinite(value):
-        raise AuxwrapArgumentError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+def _check_init(value: Any) -> float:
+    return check_real("init", value, why="the initial log-variance of every task")
 
 
 def _check_window(value: Any) -> int:
-    if not is_integer(value) or value < 1:
-        raise AuxwrapArgumentError(f"window must be an int >= 1 (iterations per DWA window), got {value!r}")
-    return value
+    return check_int("window", value, 1, why="iterations per DWA window")
 
 
 def _check_temperature(value: Any) -> float:
-    value = _check_real(value, "temperature")
-    if value <= 0:
-        raise AuxwrapArgumentError(f"temperature must be > 0, got {value!r}")
-    return value
+    return check_real("temperature", value, 0.0, low_open=True, why="DWA's softmax temperature; the paper's is 2")
 
 
 def _check_seed(value: Any) -> int | None:
@@ -589,13 +578,9 @@ def _check_generator(value: Any) -> torch.Generator | None:
 
 
 def _check_c(value: Any) -> float:
-    value = _check_real(value, "c")
-    if value < 0:
-        raise AuxwrapArgumentError(f"c must be >= 0 (CAGrad's ball radius, relative to |g0|), got {value!r}")
-    return value
+    return check_real("c", value, 0.0, allowed=">= 0 and finite", why="CAGrad's ball radius, relative to |g0|")
 
 
 def _check_rescale(value: Any) -> int:
-    if not is_integer(value) or value not in _CAGRAD_RESCALE:
-        raise AuxwrapArgumentError(f"rescale must be 0, 1 or 2, got {value!r}")
-    return value
+    return check_int("rescale", value, min(_CAGRAD_RESCALE), max(_CAGRAD_RESCALE),
+                     why="CAGrad's final division: by 1, 1 + c^2 or 1 + c")

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .analysis import NCHW, NHWC, TOKENS, VECTOR
-from .errors import AuxwrapArgumentError, AuxwrapTapError, is_integer
+from .errors import AuxwrapTapError, check_choice, check_int
 from .taps import Tap
 
 PRIMARY = "primary"
@@ -65,27 +65,24 @@ class AuxwrapPairingError(AuxwrapTapError):
 
 
 def check_mode(mode: object) -> str:
-    if mode not in MODES:
-        raise AuxwrapArgumentError(f"unknown mode {mode!r}; use mode='grad' (Aux-G: primary -> auxiliary "
-                                   "links only) or mode='nas' (Aux-NAS: links both ways, searched).")
-    return mode
+    return check_choice("mode", mode, MODES, fix="use mode='grad' (Aux-G: primary -> auxiliary links only) or "
+                        "mode='nas' (Aux-NAS: links both ways, searched)")
 
 
 def check_window(window: object) -> int:
     """``window`` as an int: any positive integer, numpy's included (:func:`auxwrap.errors.is_integer`)."""
-    if not is_integer(window) or window < 1:
-        raise AuxwrapArgumentError(
-            f"window must be a positive integer, got {window!r}; pass e.g. window=3 (the paper's).")
-    return int(window)
+    return check_int("window", window, 1, allowed="a positive integer", fix="pass e.g. window=3 (the paper's)")
 
 
 def check_window_form(window_form: object) -> str:
-    if not isinstance(window_form, str) or window_form not in WINDOW_FORMS:
-        raise AuxwrapArgumentError(
-            f"unknown window_form {window_form!r}; use 'paper' (strictly earlier layer outputs), 'code' (the "
-            "same depth, read before its fusion, and the earlier ones) or 'group' (as 'code', within groups of "
-            "`window` points).")
-    return window_form
+    return check_choice("window_form", window_form, WINDOW_FORMS,
+                        fix="use 'paper' (strictly earlier layer outputs), 'code' (the same depth, read before its "
+                        "fusion, and the earlier ones) or 'group' (as 'code', within groups of `window` points)")
+
+
+def direction(dest_branch: str) -> str:
+    """The direction of a link into ``dest_branch``: :data:`TO_PRIMARY` into the primary, else :data:`TO_AUX`."""
+    return TO_PRIMARY if dest_branch == PRIMARY else TO_AUX
 
 
 def can_pair(source: Tap, dest: Tap) -> bool:
@@ -108,9 +105,9 @@ def plan(taps: dict[str, list[Tap]], mode: str, window: int = 3,
     for branch, aux_taps in taps.items():
         if branch == PRIMARY:
             continue
-        pair = _links(taps[PRIMARY], aux_taps, PRIMARY, branch, TO_AUX, window, window_form)
+        pair = _links(taps[PRIMARY], aux_taps, PRIMARY, branch, window, window_form)
         if mode == "nas":
-            pair += _links(aux_taps, taps[PRIMARY], branch, PRIMARY, TO_PRIMARY, window, window_form)
+            pair += _links(aux_taps, taps[PRIMARY], branch, PRIMARY, window, window_form)
         if not pair:
             raise AuxwrapPairingError(_unpairable_message(taps[PRIMARY], aux_taps, branch, mode, window, window_form))
         connections += pair
@@ -156,9 +153,9 @@ def _windowed(sources: list[Tap], dests: list[Tap], window: int, window_form: st
             for j, reads in window_of(i, len(dests), len(sources), window, window_form)]
 
 
-def _links(sources: list[Tap], dests: list[Tap], source_branch: str, dest_branch: str, direction: str,
-           window: int, window_form: str) -> list[Connection]:
-    return [Connection(source_branch, source.name, dest_branch, dest.name, direction, reads=reads)
+def _links(sources: list[Tap], dests: list[Tap], source_branch: str, dest_branch: str, window: int,
+           window_form: str) -> list[Connection]:
+    return [Connection(source_branch, source.name, dest_branch, dest.name, direction(dest_branch), reads=reads)
             for source, dest, reads in _windowed(sources, dests, window, window_form) if can_pair(source, dest)]
 
 

@@ -45,9 +45,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .analysis import as_input_tuple
 from .deploy import cut_links, measure_cut
-from .errors import AuxwrapArgumentError, is_integer, is_real
-from .fused import FusedNet, unwrap
-from .fusion import Fusion
+from .errors import AuxwrapArgumentError, check_choice, check_int, check_real
+from .fused import unwrap
 from .plan import PRIMARY, TO_AUX, TO_PRIMARY, Connection
 
 __all__ = [
@@ -64,25 +63,6 @@ CUT_WARN = 0.01
 #: how alpha^P are brought to 0: "l1" (the L1 ramp alone) or "linear" (also bounded by 1 - ramp progress)
 DECAYS = ("l1", "linear")
 DEFAULT_DECAY = "linear"
-
-
-# ---------------------------------------------------------------------- the gates, one entry per connection
-
-def _gated_fusions(net: FusedNet) -> list[Fusion]:
-    """The fusion modules with learnable gates, in the order of their sites."""
-    return [fusion for _, fusion in net.fusion_sites() if fusion.gate is not None]
-
-
-def _gate_connections(net: FusedNet) -> list[Connection]:
-    """The connection of every learnable gate entry, in the order of :func:`_gated_fusions`' gate vectors."""
-    return [Connection(site.source_branch, source.name, site.dest_branch, site.dest.name,
-                       TO_PRIMARY if site.dest_branch == PRIMARY else TO_AUX, reads=reads)
-            for site, fusion in net.fusion_sites() if fusion.gate is not None
-            for source, reads in zip(site.sources, site.reads, strict=True)]
-
-
-def _to_primary_fusions(net: FusedNet) -> list[Fusion]:
-    return [f for _, f in net.fusion_sites(dest_branch=PRIMARY) if f.gate is not None]
 
 
 # ---------------------------------------------------------------------- measuring a cut
@@ -218,28 +198,22 @@ class Search:
                 f"net was attached with mode={self.net.mode!r}, which has no gates to search (Aux-G's "
                 "links are fixed at 1); attach with mode='nas' to search, or train a mode='grad' net "
                 "without Search.")
-        if not is_integer(total_steps) or total_steps <= 0:
-            raise AuxwrapArgumentError(
-                f"total_steps must be a positive int (the number of gate steps of the whole training, "
-                f"e.g. epochs * len(search_loader)), got {total_steps!r}.")
-        self.lr = _positive("lr", lr, "the authors use 1e-2")
-        self.l1 = _non_negative("l1", l1, "the paper uses 100 on the sum of the gates")
-        if decay not in DECAYS:
-            raise AuxwrapArgumentError(
-                f"decay={decay!r}: use 'linear' (alpha^P bounded by 1 - ramp progress, exactly 0 at the ramp's end) "
-                "or 'l1' (the L1 ramp alone).")
-        self.decay = decay
+        self.total_steps = check_int("total_steps", total_steps, 1, why="the number of gate steps of the whole "
+                                     "training, e.g. epochs * len(search_loader)")
+        self.lr = check_real("lr", lr, 0.0, low_open=True, why="the authors use 1e-2")
+        self.l1 = check_real("l1", l1, 0.0, why="the paper uses 100 on the sum of the gates")
+        self.decay = check_choice("decay", decay, DECAYS, fix="use 'linear' (alpha^P bounded by 1 - ramp progress, "
+                                  "exactly 0 at the ramp's end) or 'l1' (the L1 ramp alone)")
         self.ramp = _ramp(ramp)
         self.cut_at = self.ramp[1] if cut is None else _fraction("cut", cut)
-        self.total_steps = total_steps
-        self.cut_step = max(1, math.ceil(self.cut_at * total_steps - 1e-9))
+        self.cut_step = max(1, math.ceil(self.cut_at * self.total_steps - 1e-9))
         if process_group is None and isinstance(net, nn.parallel.DistributedDataParallel):
             process_group = net.process_group
         self.process_group = process_group
 
-        self._gated = _gated_fusions(self.net)
-        self._connections = _gate_connections(self.net)  # one per gate entry of self._gated, in order
-        self._to_primary = _to_primary_fusions(self.net)
+        self._gated = [fusion for _, fusion in self.net.gated_sites()]
+        self._connections = self.net.gate_connections()  # one per gate entry of self._gated, in order
+        self._to_primary = [fusion for _, fusion in self.net.gated_sites(PRIMARY)]
         self.n_to_primary = sum(f.gate.numel() for f in self._to_primary)
         self.gates = self.net.arch_parameters()
         self.optimizer = torch.optim.Adam(self.gates, lr=self.lr, betas=betas, weight_decay=0.0)
@@ -423,22 +397,8 @@ def mean_over_ranks(tensors: list[torch.Tensor], group: Any = None) -> None:
         offset += t.numel()
 
 
-def _positive(name: str, value: object, hint: str) -> float:
-    if not is_real(value) or not value > 0 or not math.isfinite(value):
-        raise AuxwrapArgumentError(f"{name} must be a positive number ({hint}), got {value!r}.")
-    return float(value)
-
-
-def _non_negative(name: str, value: object, hint: str) -> float:
-    if not is_real(value) or not value >= 0 or not math.isfinite(value):
-        raise AuxwrapArgumentError(f"{name} must be a number >= 0 ({hint}), got {value!r}.")
-    return float(value)
-
-
 def _fraction(name: str, value: object) -> float:
-    if not is_real(value) or not 0.0 <= value <= 1.0:
-        raise AuxwrapArgumentError(f"{name} must be a fraction of total_steps in [0, 1], got {value!r}.")
-    return float(value)
+    return check_real(name, value, 0.0, 1.0, why="a fraction of total_steps")
 
 
 def _ramp(ramp: object) -> tuple[float, float]:
@@ -539,8 +499,7 @@ def search_loaders(dataset: Dataset, batch_size: int, seed: int = 0, *, num_repl
     ``loader_kwargs`` go to both :class:`~torch.utils.data.DataLoader` (``num_workers``,
     ``drop_last``, ``collate_fn``...), except ``shuffle`` and ``sampler``, which the split replaces.
     """
-    if not is_integer(batch_size) or batch_size <= 0:
-        raise AuxwrapArgumentError(f"batch_size must be a positive int, got {batch_size!r}.")
+    batch_size = check_int("batch_size", batch_size, 1)
     for key in ("shuffle", "sampler", "batch_sampler"):
         if key in loader_kwargs:
             raise AuxwrapArgumentError(
@@ -556,8 +515,8 @@ def search_loaders(dataset: Dataset, batch_size: int, seed: int = 0, *, num_repl
         num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if rank is None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if not 0 <= rank < num_replicas:
-        raise AuxwrapArgumentError(f"rank must be in [0, num_replicas={num_replicas}), got {rank!r}.")
+    num_replicas = check_int("num_replicas", num_replicas, 1, why="the number of processes sharing the data")
+    rank = check_int("rank", rank, 0, num_replicas - 1, why=f"this process among num_replicas={num_replicas}")
     split = _Split(n, int(seed), num_replicas, rank)
     return (DataLoader(dataset, batch_size=batch_size, sampler=HalfSampler(split, 0), **loader_kwargs),
             DataLoader(dataset, batch_size=batch_size, sampler=HalfSampler(split, 1), **loader_kwargs))

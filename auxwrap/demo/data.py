@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from ..errors import AuxwrapArgumentError, is_integer, is_real
+from ..errors import AuxwrapArgumentError, check_choice, check_int, check_real
 
 __all__ = [
     "AUX_CLASSES",
@@ -71,21 +71,15 @@ DEFAULT_PAIRS = {"train": 6000, "val": 2000, "test": 2000}
 
 
 def _check_split(split: str) -> int:
-    if split not in SPLITS:
-        raise AuxwrapArgumentError(f"split={split!r}: expected one of {SPLITS}")
-    return SPLITS.index(split)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not is_integer(value) or value < minimum:
-        raise AuxwrapArgumentError(f"{name}={value!r}: expected an int >= {minimum}")
-    return int(value)
+    """The index of ``split`` in :data:`SPLITS`."""
+    return SPLITS.index(check_choice("split", split, SPLITS))
 
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1797 digits (shipped with it, nothing downloaded): images (1797, 8, 8) in [0, 1], targets."""
-    from sklearn.datasets import load_digits
+    from ..optional import require  # scikit-learn comes with the demo extra: pip install 'auxwrap[demo]'
+    load_digits = require("sklearn.datasets", extra="demo", purpose="the digit-pair tasks").load_digits
 
     bunch = load_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)
@@ -99,7 +93,7 @@ def digit_split_indices(split: str, split_seed: int = 0) -> torch.Tensor:
     disjoint: no test or val digit image is ever seen in training. Keep ``split_seed`` the same for all splits.
     """
     which = _check_split(split)
-    _check_int("split_seed", split_seed, 0)
+    check_int("split_seed", split_seed, 0)
     _, targets = _digits()
     rng = np.random.default_rng([split_seed, 7])
     chosen = []
@@ -168,7 +162,7 @@ def compose_pairs(source_indices: torch.Tensor, offsets: torch.Tensor | None = N
     if channels not in (1, 3):
         raise AuxwrapArgumentError(f"channels={channels!r}: expected 1 or 3")
     if size is not None:
-        _check_int("size", size, 4)
+        check_int("size", size, 4)
     images, targets = _digits()
     source_indices = torch.as_tensor(source_indices, dtype=torch.long)
     if source_indices.dim() != 2 or source_indices.shape[1] != 2:
@@ -207,11 +201,9 @@ def digit_pairs(split: str = "train", n: int | None = None, seed: int = 0, *, au
     (split, seed); ``split_seed`` chooses the source partition and must be the same for all splits.
     """
     which = _check_split(split)
-    n = DEFAULT_PAIRS[split] if n is None else _check_int("n", n, 1)
-    seed = _check_int("seed", seed, 0)
-    jitter = _check_int("jitter", jitter, 0)
-    if jitter > 1:
-        raise AuxwrapArgumentError(f"jitter={jitter}: expected 0 or 1 (pixels; the digits must stay on the canvas)")
+    n = DEFAULT_PAIRS[split] if n is None else check_int("n", n, 1)
+    seed = check_int("seed", seed, 0)
+    jitter = check_int("jitter", jitter, 0, 1, why="pixels; the digits must stay on the canvas")
     pool = digit_split_indices(split, split_seed)
     rng = np.random.default_rng([seed, which, 11])
     picks = pool[torch.from_numpy(rng.integers(0, len(pool), size=(n, 2)))]
@@ -239,12 +231,6 @@ def _vec3(name: str, value: Sequence[float]) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def _positive(name: str, value: float) -> float:
-    if not (is_real(value) and math.isfinite(value) and value > 0):
-        raise AuxwrapArgumentError(f"{name}={value!r}: expected a positive number")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class Sphere:
     """A sphere in world coordinates (y up, floor at y = 0)."""
@@ -255,7 +241,7 @@ class Sphere:
 
     def __post_init__(self):
         object.__setattr__(self, "center", _vec3("center", self.center))
-        object.__setattr__(self, "radius", _positive("radius", self.radius))
+        object.__setattr__(self, "radius", check_real("radius", self.radius, 0.0, low_open=True))
         object.__setattr__(self, "color", _vec3("color", self.color))
 
 
@@ -286,8 +272,8 @@ class Cylinder:
 
     def __post_init__(self):
         object.__setattr__(self, "base", _vec3("base", self.base))
-        object.__setattr__(self, "radius", _positive("radius", self.radius))
-        object.__setattr__(self, "height", _positive("height", self.height))
+        object.__setattr__(self, "radius", check_real("radius", self.radius, 0.0, low_open=True))
+        object.__setattr__(self, "height", check_real("height", self.height, 0.0, low_open=True))
         object.__setattr__(self, "color", _vec3("color", self.color))
 
 
@@ -308,11 +294,9 @@ class Camera:
     fov: float = 60.0
 
     def __post_init__(self):
-        _positive("height", self.height)
-        if not (is_real(self.fov) and 0 < self.fov < 150):
-            raise AuxwrapArgumentError(f"fov={self.fov!r}: expected degrees in (0, 150)")
-        if not (is_real(self.pitch) and 0 <= self.pitch < 90 - self.fov / 2):
-            raise AuxwrapArgumentError(f"pitch={self.pitch!r}: expected degrees in [0, 90 - fov/2)")
+        check_real("height", self.height, 0.0, low_open=True)
+        check_real("fov", self.fov, 0.0, 150.0, low_open=True, high_open=True, why="degrees")
+        check_real("pitch", self.pitch, 0.0, 90 - self.fov / 2, high_open=True, why="degrees, below 90 - fov/2")
 
     def rotation(self) -> torch.Tensor:
         """R (3, 3) with world = R @ camera for directions (a rotation about x by -pitch)."""
@@ -325,7 +309,7 @@ def pixel_rays(camera: Camera, size: int) -> torch.Tensor:
 
     A hit at distance ``depth`` along the camera's viewing axis is ``depth * ray``.
     """
-    size = _check_int("size", size, 1)
+    size = check_int("size", size, 1)
     focal = (size / 2) / math.tan(math.radians(camera.fov) / 2)
     centres = (torch.arange(size, dtype=torch.float32) + 0.5 - size / 2) / focal
     v, u = torch.meshgrid(-centres, centres, indexing="ij")
@@ -350,11 +334,9 @@ class SceneSpec:
     shadows: bool = True
 
     def __post_init__(self):
-        _positive("wall_distance", self.wall_distance)
-        if not 0 <= self.ambient <= 1:
-            raise AuxwrapArgumentError(f"ambient={self.ambient!r}: expected a number in [0, 1]")
-        if not self.noise >= 0:
-            raise AuxwrapArgumentError(f"noise={self.noise!r}: expected a number >= 0")
+        check_real("wall_distance", self.wall_distance, 0.0, low_open=True)
+        check_real("ambient", self.ambient, 0.0, 1.0)
+        check_real("noise", self.noise, 0.0)
         if not any(_vec3("light", self.light)):
             raise AuxwrapArgumentError("light=(0, 0, 0): expected a direction")
 
@@ -486,7 +468,7 @@ def render_specs(specs: Sequence[SceneSpec], size: int = 64) -> Rendered:
     (1 - ambient) * Lambert of the directional ``light`` (world direction towards the light), with cast
     shadows of objects, plus Gaussian noise of std ``noise``; clamped to [0, 1].
     """
-    size = _check_int("size", size, 1)
+    size = check_int("size", size, 1)
     if not specs:
         raise AuxwrapArgumentError("specs: expected at least one scene")
     n_pixels = size * size
@@ -647,10 +629,10 @@ def scenes(n: int, size: int = 64, seed: int = 0, split: str = "train", *, chunk
     y up, z towards the viewer; see :class:`Camera`). Scene i depends only on (seed, split, i): a larger ``n``
     extends a smaller one, and other seeds or splits give other scenes. Rendered ``chunk`` scenes at a time.
     """
-    n = _check_int("n", n, 1)
-    size = _check_int("size", size, 1)
-    seed = _check_int("seed", seed, 0)
-    chunk = _check_int("chunk", chunk, 1)
+    n = check_int("n", n, 1)
+    size = check_int("size", size, 1)
+    seed = check_int("seed", seed, 0)
+    chunk = check_int("chunk", chunk, 1)
     which = _check_split(split)
     specs = [_random_spec(np.random.default_rng([seed, which, i, 23])) for i in range(n)]
     parts = [render_specs(specs[i:i + chunk], size) for i in range(0, n, chunk)]
@@ -692,7 +674,7 @@ def pixel_accuracy(pred: torch.Tensor, target: torch.Tensor, ignore_index: int |
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int | None = None) -> torch.Tensor:
     """(num_classes, num_classes) counts, rows = target class, columns = predicted class."""
-    num_classes = _check_int("num_classes", num_classes, 1)
+    num_classes = check_int("num_classes", num_classes, 1)
     pred = _labels(pred, target)
     keep = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
     pred, target = pred[keep].long(), target[keep].long()
