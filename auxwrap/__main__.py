@@ -1,4 +1,4 @@
-"""``python -m auxwrap``: see :mod:`auxwrap.cli`."""
+"""python -m auxwrap: the command line of auxwrap.cli (python -m auxwrap --help lists the commands)."""
 
 from .cli import main
 

@@ -1,129 +1,287 @@
-"""The command line: ``python -m auxwrap demo``, ``taps MODEL`` and ``flops --primary P --aux A``."""
+"""auxwrap on the command line: train the demo, list a model's fusion points, count the costs of a fused pair.
+
+Models are named source:name, e.g. timm:resnet50 or torchvision:vgg16 (a bare name means timm), and built with
+random weights: nothing is downloaded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
+import os
+import re
 import sys
+import tempfile
+import textwrap
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .attach import attach
-from .demo.models import build_model
-from .errors import AuxwrapError
-from .flops import report
-from .taps import Tap, find_taps
-from .trace import trace
+from .errors import AuxwrapError, AuxwrapTapError
+from .optional import require
 
-#: what the demo trains, on the few-label task of :mod:`auxwrap.demo.experiments`
+if TYPE_CHECKING:  # the command handlers import torch and auxwrap's core themselves: --help stays fast
+    from .taps import Tap
+
+#: what the demo trains, on the few-label task of auxwrap.demo.experiments
 DEMO_TASK = "scenes-few"
 DEMO_METHODS = ("single", "aux-g-layer", "aux-nas")
+#: the modules the demo needs beyond the core: pip install 'auxwrap[demo]'
+DEMO_NEEDS = ("sklearn", "tqdm", "matplotlib")
+#: the --taps choices that are not lists of names
+TAP_CHOICES = ("layer", "stage")
+
+EPILOG = """examples:
+  python -m auxwrap demo --quick                 # 10 epochs and 2 seeds: checks that it runs
+  python -m auxwrap demo --seeds 5 --out results # the full comparison, report and gate plot in results/
+  python -m auxwrap taps timm:resnet50           # the fusion points of a model, by name
+  python -m auxwrap flops --primary timm:resnet50 --aux torchvision:resnet18 --taps stage
+  python -m auxwrap flops --primary timm:vit_tiny_patch16_224 --aux timm:vit_tiny_patch16_224 \\
+      --taps blocks.2,blocks.5,blocks.8,blocks.11 --json"""
+TAPS_HELP = ("fusion points of every branch: 'layer' (every block or conv unit), 'stage' (the end of each "
+             "resolution stage) or comma-separated module paths / node names as 'python -m auxwrap taps MODEL' "
+             "lists them, e.g. layer1,layer2,layer3")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown (unless the help states it or the option is required); examples kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "(default" in text or action.required else super()._get_help_string(action)
+
+
+def tap_spec(text: str) -> str | list[str]:
+    """A --taps value: ``"layer"``, ``"stage"``, or comma-separated names (a list, also of one name)."""
+    if text in TAP_CHOICES:
+        return text
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has an empty name; give 'layer', 'stage' or names separated by single commas, "
+            "e.g. layer1,layer2")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m auxwrap``: sub-commands demo, taps and flops."""
+    parser = argparse.ArgumentParser(prog="python -m auxwrap", description=__doc__, epilog=EPILOG,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"auxwrap {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{demo,taps,flops}")
+    _add_demo(commands)
+    _add_taps(commands)
+    _add_flops(commands)
+    return parser
+
+
+def _subparser(commands: Any, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=textwrap.fill(description, 100),
+                               epilog=f"examples:\n{examples}", formatter_class=_HelpFormatter)
+
+
+def _add_demo(commands: Any) -> None:
+    demo = _subparser(
+        commands, "demo", "train Single, Aux-G and Aux-NAS on a few-label task, prune, compare",
+        "Train Single, Aux-G and Aux-NAS on a few-label task over several seeds (rendered scenes: nothing is "
+        "downloaded), prune to the primary alone and compare the deployed models with paired differences. "
+        "Needs the demo extra: pip install 'auxwrap[demo]'.",
+        "  python -m auxwrap demo --quick\n  python -m auxwrap demo --seeds 5 --jobs 4 --out results")
+    demo.add_argument("--quick", action="store_true", help="10 epochs and 2 seeds: checks that it runs")
+    demo.add_argument("--seeds", type=int, default=None, help="train seeds 0..N-1 (default: 3, or 2 with --quick)")
+    demo.add_argument("--jobs", type=int, default=2, help="worker processes")
+    demo.add_argument("--out", default=None, metavar="DIR",
+                      help="directory for the report (results.md) and the gate plot (gates.png), created if "
+                           "missing (default: a new temporary directory auxwrap-demo-*, printed at the end)")
+    demo.add_argument("--json", action="store_true",
+                      help="print the runs and file paths as JSON on stdout (the rest goes to stderr)")
+
+
+def _add_taps(commands: Any) -> None:
+    taps = _subparser(
+        commands, "taps", "list the fusion points of a timm or torchvision model",
+        "Trace a model, check that the traced graph computes what the model computes, and list its fusion "
+        "points (the names --taps takes) with their layouts and shapes.",
+        "  python -m auxwrap taps timm:resnet50\n  python -m auxwrap taps torchvision:vgg16 --size 64 --json")
+    taps.add_argument("model", help="source:name, e.g. timm:resnet50 or torchvision:vgg16")
+    taps.add_argument("--size", type=int, default=224, help="input height and width")
+    taps.add_argument("--json", action="store_true", help="print the points as JSON on stdout")
+
+
+def _add_flops(commands: Any) -> None:
+    flops = _subparser(
+        commands, "flops", "FLOPs, parameters and norm layers: primary, fused, deployed",
+        "Fuse a primary with one or more auxiliary models (auxwrap.attach) and count the FLOPs, parameters and "
+        "norm layers of the original primary, the fused training network and the deployed primary.",
+        "  python -m auxwrap flops --primary timm:resnet50 --aux timm:resnet50 --taps stage\n"
+        "  python -m auxwrap flops --primary torchvision:resnet18 --aux torchvision:resnet18 \\\n"
+        "      --primary-taps layer1,layer2,layer3,layer4 --aux-taps layer\n"
+        "  python -m auxwrap flops --primary timm:vit_tiny_patch16_224 --aux timm:vit_tiny_patch16_224 \\\n"
+        "      --taps blocks.2,blocks.5,blocks.8,blocks.11 --json")
+    flops.add_argument("--primary", required=True, help="source:name, e.g. timm:resnet50 or torchvision:vgg16")
+    flops.add_argument("--aux", required=True, nargs="+", metavar="MODEL", help="one or more auxiliary models")
+    flops.add_argument("--mode", choices=("grad", "nas"), default="nas",
+                       help="grad: Aux-G, primary -> auxiliary links only; nas: Aux-NAS, links both ways")
+    flops.add_argument("--taps", type=tap_spec, default="layer", metavar="SPEC", help=TAPS_HELP)
+    flops.add_argument("--primary-taps", type=tap_spec, default=None, metavar="SPEC",
+                       help="the primary's fusion points, as --taps (default: --taps)")
+    flops.add_argument("--aux-taps", type=tap_spec, default=None, metavar="SPEC",
+                       help="every auxiliary's fusion points, as --taps (default: --taps)")
+    flops.add_argument("--size", type=int, default=224, help="input height and width")
+    flops.add_argument("--batch", type=int, default=1, help="batch size of the counted pass")
+    flops.add_argument("--json", action="store_true", help="print the costs as JSON on stdout")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m auxwrap", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"auxwrap {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train Single, Aux-G and Aux-NAS on a few-label task, prune, compare")
-    demo.add_argument("--quick", action="store_true", help="10 epochs and 2 seeds: checks that it runs")
-    demo.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3, 2 with --quick)")
-    demo.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
-    demo.add_argument("--out", default="auxwrap-demo", help="where the report and gate plot go (default auxwrap-demo/)")
-    taps = commands.add_parser("taps", help="list the fusion points of a timm or torchvision model")
-    taps.add_argument("model", help="e.g. timm:resnet50 or torchvision:vgg16")
-    taps.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
-    flops = commands.add_parser("flops", help="FLOPs, parameters and norm layers: primary, fused, deployed")
-    flops.add_argument("--primary", required=True, help="e.g. timm:resnet50 or torchvision:vgg16")
-    flops.add_argument("--aux", required=True, nargs="+", help="one or more auxiliary models")
-    flops.add_argument("--mode", choices=("grad", "nas"), default="nas")
-    flops.add_argument("--taps", default="layer", help="layer or stage (default layer)")
-    flops.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
-    flops.add_argument("--batch", type=int, default=1, help="batch size of the counted pass (default 1)")
-    args = parser.parse_args(argv)
+    """Run ``python -m auxwrap ARGS``; returns the exit status (2: bad arguments, with the reason on stderr)."""
+    args = build_parser().parse_args(argv)
+    handlers: dict[str, Callable[[argparse.Namespace], int]] = {"demo": _demo, "taps": _show_taps, "flops": _flops}
     try:
-        if args.command == "demo":
-            seeds = args.seeds if args.seeds is not None else 2 if args.quick else 3
-            return _demo(args.quick, seeds, args.jobs, Path(args.out))
-        if args.command == "flops":
-            return _flops(args)
-        return _show_taps(args.model, args.size)
+        return handlers[args.command](args)
+    except AuxwrapTapError as error:
+        print(f"error: {error}\n{command_line_taps_hint(str(error))}", file=sys.stderr)
+        return 2
     except AuxwrapError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (python -m auxwrap taps MODEL | head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush stays quiet
+        return 0
 
 
-def _demo(quick: bool, seeds: int, jobs: int, out: Path) -> int:
+def command_line_taps_hint(message: str) -> str:
+    """How to choose fusion points on the command line; a ``taps=[...]`` list in ``message`` becomes --taps."""
+    hint = "on the command line: --taps NAME,NAME or --primary-taps/--aux-taps (one branch each)"
+    found = re.search(r"taps=(\[[^\[\]]*\])", message)
+    if found is None:
+        return hint
+    try:
+        names = ast.literal_eval(found.group(1))
+    except (ValueError, SyntaxError):
+        return hint
+    return f"{hint}, e.g. --taps {','.join(names)}" if names and all(isinstance(n, str) for n in names) else hint
+
+
+def _demo(args: argparse.Namespace) -> int:
     """Single, Aux-G and Aux-NAS on a few-label task over several seeds; paired differences, in plain words."""
+    for module in DEMO_NEEDS:  # before any training: a missing package fails in a second, not at the end
+        require(module, extra="demo", purpose="python -m auxwrap demo")
     from .demo import compare, experiments
     from .plot import plot_gates
 
+    seeds = args.seeds if args.seeds is not None else 2 if args.quick else 3
+    say = _printer(sys.stderr if args.json else sys.stdout)
     config = experiments.FULL[DEMO_TASK]  # the accuracy benchmark's scenes-few runs, seeds 0..seeds-1
-    if quick:
+    if args.quick:
         config = replace(config, epochs=10, n_val=200, n_test=400)
     task = experiments.make_task(DEMO_TASK, config)
     start = (f"both models first train alone for {experiments.pretrain_epochs(config)} epochs (the paper's "
              f"protocol), then every method trains {config.epochs} more" if config.protocol == "pretrained" else
              f"every method trains {config.epochs} epochs from random initial weights")
-    print(f"auxwrap {__version__} demo: {len(task.train)} labelled images of rendered scenes (32x32); primary: "
-          "the dominant object class (sphere, box or cylinder), a small ResNet classifier; auxiliary: surface "
-          f"normals, learnt by an encoder-decoder (a different architecture). {start.capitalize()}, Single as many "
-          f"steps. {seeds} seeds; {len(task.val)} validation and {len(task.test)} test images.\n", flush=True)
+    say(f"auxwrap {__version__} demo: {len(task.train)} labelled images of rendered scenes (32x32); primary: "
+        "the dominant object class (sphere, box or cylinder), a small ResNet classifier; auxiliary: surface "
+        f"normals, learnt by an encoder-decoder (a different architecture). {start.capitalize()}, Single as many "
+        f"steps. {seeds} seeds; {len(task.val)} validation and {len(task.test)} test images.\n")
     runs = [(DEMO_TASK, method, seed, config) for seed in range(seeds) for method in DEMO_METHODS]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        rows = compare.train_grid(runs, jobs, histories=True)
-    report = compare.side_by_side(rows, task.metric, DEMO_METHODS)
-    print(report)
+        rows = compare.train_grid(runs, args.jobs, histories=True)
+    summary = compare.side_by_side(rows, task.metric, DEMO_METHODS)
+    say(summary)
+    out = Path(args.out) if args.out is not None else Path(tempfile.mkdtemp(prefix="auxwrap-demo-"))
     out.mkdir(parents=True, exist_ok=True)
-    command = f"python -m auxwrap demo{' --quick' if quick else ''} --seeds {seeds}"
+    command = f"python -m auxwrap demo{' --quick' if args.quick else ''} --seeds {seeds}"
     (out / "results.md").write_text(f"`{command}` on {time.strftime('%Y-%m-%d')}, {compare.training_machine()}\n\n"
-                                    f"```\n{report}\n```\n")
+                                    f"```\n{summary}\n```\n")
     history = next(r["history"] for r in rows if r["method"] == "aux-nas" and r["seed"] == 0)
     plot_gates(history, path=out / "gates.png")
-    print(f"\ngate plot (Aux-NAS, seed 0): {out / 'gates.png'}; this report: {out / 'results.md'}")
+    say(f"\ngate plot (Aux-NAS, seed 0): {out / 'gates.png'}; this report: {out / 'results.md'}")
+    if args.json:
+        print(json.dumps({"task": DEMO_TASK, "metric": task.metric, "seeds": seeds,
+                          "runs": [{k: v for k, v in r.items() if k != "history"} for r in rows],
+                          "report": str(out / "results.md"), "gate_plot": str(out / "gates.png")}, indent=2))
     return 0
 
 
-def _show_taps(spec: str, size: int) -> int:
-    model = build_model(spec).eval()
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+def _printer(stream: Any) -> Callable[[str], None]:
+    return lambda text: print(text, file=stream, flush=True)
+
+
+def _show_taps(args: argparse.Namespace) -> int:
+    import torch
+
+    from .demo.models import build_model
+    from .taps import find_taps
+    from .trace import trace
+
+    model = build_model(args.model).eval()
+    x = torch.randn(2, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     traced = trace(model)
     with torch.no_grad():
         same = torch.equal(traced.graph_module(x), model(x))
-    print(f"model {spec}: traced {len(traced.graph.nodes)} nodes in {time.perf_counter() - start:.2f} s; "
-          f"traced output equals eager output: {same}")
+    seconds = time.perf_counter() - start
     layers = find_taps(traced, (x,), "layer")
     try:
-        stage_names = {t.name for t in find_taps(traced, (x,), "stage")}
+        stage_names, stage_error = {t.name for t in find_taps(traced, (x,), "stage")}, None
     except AuxwrapError as error:
-        stage_names = set()
-        print(f"  stages: {error}".splitlines()[0])
-    print(_tap_table(layers, stage_names))
-    print()
+        stage_names, stage_error = set(), str(error).splitlines()[0]
+    if args.json:
+        print(json.dumps({"model": args.model, "traced_nodes": len(traced.graph.nodes),
+                          "traced_equals_eager": same, "stages_error": stage_error,
+                          "taps": [_tap_record(t, t.name in stage_names) for t in layers]}, indent=2))
+    else:
+        print(f"model {args.model}: traced {len(traced.graph.nodes)} nodes in {seconds:.2f} s; "
+              f"traced output equals eager output: {same}")
+        if stage_error is not None:
+            print(f"  stages: {stage_error}")
+        print(_tap_table(layers, stage_names))
+        print()
     return 0 if same else 1
 
 
+def _tap_record(tap: Tap, stage_end: bool) -> dict[str, Any]:
+    """One fusion point for --json: its shape without the batch dimension."""
+    return {"name": tap.name, "kind": tap.kind, "layout": tap.layout, "shape": list(tap.shape[1:]),
+            "module_path": tap.module_path, "stage_end": stage_end}
+
+
 def _flops(args: argparse.Namespace) -> int:
+    import torch
+
+    from .attach import attach
+    from .demo.models import build_model
+    from .flops import report
+    from .plan import PRIMARY
+
     primary = build_model(args.primary).eval()
     aux = [build_model(spec).eval() for spec in args.aux]
+    taps = args.taps
+    if args.primary_taps is not None or args.aux_taps is not None:  # attach()'s per-branch form
+        taps = {PRIMARY: args.primary_taps or args.taps, "aux": args.aux_taps or args.taps}
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    net = attach(primary, aux, args.mode, taps=args.taps, example_inputs=(x,))
-    print(f"{args.primary} + {', '.join(args.aux)} (mode={args.mode}, taps={args.taps}, "
-          f"{len(net.connections())} connections)\n")
-    print(report(net, x))
+    net = attach(primary, aux, args.mode, taps=taps, example_inputs=(x,))
+    costs = report(net, x)
+    if args.json:
+        print(json.dumps({"primary": args.primary, "aux": args.aux, "mode": args.mode, "taps": taps,
+                          "connections": len(net.connections()), "inputs": costs.inputs,
+                          "rows": [{**asdict(row), "macs": row.macs} for row in costs.rows]}, indent=2))
+    else:
+        print(f"{args.primary} + {', '.join(args.aux)} (mode={args.mode}, taps={taps}, "
+              f"{len(net.connections())} connections)\n")
+        print(costs)
     return 0
 
 
 def _tap_table(taps: list[Tap], stage_names: set[str]) -> str:
+    from .demo.compare import format_table
+
     rows = [("#", "fusion point", "kind", "layout", "shape", "stage end")]
     rows += [(str(i), t.name, t.kind, t.layout, "x".join(map(str, t.shape[1:])), "yes" if t.name in stage_names else "")
              for i, t in enumerate(taps)]
-    from .demo.compare import format_table
-
     return format_table(rows, indent="  ")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .errors import AuxwrapArgumentError
+from .optional import require
 from .plan import PRIMARY, TO_AUX, TO_PRIMARY
 
 if TYPE_CHECKING:
@@ -38,10 +39,7 @@ def plot_gates(search_or_history: Any, net: nn.Module | None = None, path: str |
         net: a fused network whose *current* gates the right panel shows (default: the last recorded ones).
         path: where to save the figure (format from the suffix, e.g. ``.png``, ``.pdf``).
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise ImportError("auxwrap.plot_gates() needs matplotlib: pip install matplotlib") from error
+    figure = require("matplotlib.figure", extra="demo", purpose="auxwrap.plot_gates()")
 
     from .fused import unwrap
     from .search import GateHistory, Search
@@ -58,7 +56,7 @@ def plot_gates(search_or_history: Any, net: nn.Module | None = None, path: str |
     else:
         connections, points = history.final(), history.points
 
-    fig = Figure(figsize=figsize, layout="constrained")
+    fig = figure.Figure(figsize=figsize, layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=(1.6, 1.0))
     _draw_curves(left, history)
     _draw_links(right, connections, points)

@@ -614,7 +614,8 @@ def progress_bar(total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
     try:
-        from tqdm.auto import tqdm
+        from ..optional import require  # an AuxwrapMissingDependencyError is an ImportError: no bar then
+        tqdm = require("tqdm.auto", extra="demo", purpose="the progress bar").tqdm
     except ImportError:
         return _NoBar()
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
