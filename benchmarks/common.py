@@ -2,7 +2,7 @@
 
 Each benchmark writes ``NAME.csv`` (the measurements), ``NAME.md`` (the human report) and
 ``NAME.json`` (the run record: machine, versions, exact command, load average, targets), so that
-``benchmarks/readme.py`` can rebuild the README's results section from files, never by hand.
+``benchmarks/readme.py`` can rebuild the results section of benchmarks/README.md from files, never by hand.
 
 The training benchmarks (``accuracy.py``, ``ablation.py``) share :func:`train_grid`: runs of
 :func:`auxwrap.demo.experiments.run` on worker processes, each single-task pretraining done once and sent to
@@ -216,7 +216,7 @@ def check(name: str, value: float | None, limit: float, *, op: str = "<=", digit
 
 
 def targets_markdown(targets: Sequence[Target]) -> str:
-    """The targets as a table, the status in bold (each benchmark's report and the README's summary)."""
+    """The targets as a table, the status in bold (each benchmark's report and the summary in benchmarks/README.md)."""
     body = [(t.name, t.threshold, t.measured, f"**{t.status}**", t.note) for t in targets]
     return markdown_table(("target", "threshold", "measured", "status", "note"), body, "llrll")
 

@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import auxwrap
+from auxwrap.plan import DEFAULT_WINDOW_FORM, PRIMARY, aux_branch, sources_of
 
 COLUMNS = ("device", "backbone", "img_size", "batch", "impl", "mode", "K", "part", "median_ms", "q1_ms", "q3_ms",
            "repeats", "gflops", "fusion_gflops", "over_separate", "peak_mib")
@@ -53,6 +54,7 @@ HEAD_CLASSES = 40
 AUXWRAP_FUSIONS = r"\.fusions\.[^.]+\.weight$"   # FusedNet.fusions.<site>.weight
 REFERENCE_FUSIONS = r"\.to_[pa]\.\d+\.\d+$"     # Fused.to_p.<k>.<block> 1x1 convs
 LR, GATE_TOTAL_STEPS = 1e-4, 10**6  # a long schedule: the L1 weight stays 0 and nothing is cut while timing
+ANCHOR_WINDOW = 3  # the anchor's window(i): up to 3 blocks of the other branch, inside groups of 3 blocks
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,7 @@ class Setting:
     ks: tuple[int, ...]
     warmup: int
     repeats: int
-    window: int = 3  # attach(window=...): sources per fusion
-
-    @property
-    def window_sources(self) -> str:
-        """Sources per destination block, in order: ``1, 2, 3, 3, ...`` for window 3."""
-        return ", ".join(str(min(i + 1, self.window)) for i in range(self.window + 1)) + ", ..."
+    window: int = 3  # attach(window=...): at most this many sources per fusion, in attach()'s default form
 
 
 GPU = Setting("vit_base_patch16_224", 224, 20, (1, 2, 3), 5, 20)
@@ -161,6 +158,22 @@ def auxwrap_configs(setting: Setting, device: torch.device, xs: tuple[torch.Tens
         configs.append(Config("auxwrap", "nas", k, {"gate-step": gate_step, "weight-step": weight_step(net, opt, xw)},
                               [opt, search.optimizer], net, AUXWRAP_FUSIONS, {"connections": len(net.connections())}))
     return configs
+
+
+def window_note(net: auxwrap.FusedNet, connections: str) -> str:
+    """The note on what the fused networks read: sources per destination block by the library's own window rule
+    (:func:`auxwrap.plan.sources_of`) at the window and form ``net`` was planned with, beside the anchor's."""
+    n_dest, n_source = len(net.taps[aux_branch(0)]), len(net.taps[PRIMARY])
+
+    def counts(window: int, form: str) -> list[int]:
+        return [len(sources_of(i, n_dest, n_source, window, form)) for i in range(n_dest)]
+
+    ours, anchor = counts(net.window, net.window_form), counts(ANCHOR_WINDOW, "group")
+    default = " (attach()'s default)" if net.window_form == DEFAULT_WINDOW_FORM else ""
+    return (f"auxwrap fused networks: taps='layer', window={net.window}, window_form={net.window_form!r}{default}: "
+            f"sources per destination block {', '.join(map(str, ours))} ({sum(ours)} per direction and auxiliary); "
+            f"connections {connections}. The anchor fuses inside groups of {ANCHOR_WINDOW} blocks (auxwrap's "
+            f"window_form='group', window={ANCHOR_WINDOW}): {', '.join(map(str, anchor))} ({sum(anchor)}).")
 
 
 # ---------------------------------------------------------------------- the authors' reference
@@ -445,7 +458,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     p.add_argument("--k", type=int, nargs="+", help="numbers of auxiliaries (default 1 2 3)")
     p.add_argument("--warmup", type=int)
     p.add_argument("--repeats", type=int)
-    p.add_argument("--window", type=int, default=3, help="attach(window=...): sources per fusion (default 3)")
+    p.add_argument("--window", type=int, default=3,
+                   help="attach(window=...): at most this many sources per fusion, in attach()'s default "
+                        f"window_form ({DEFAULT_WINDOW_FORM!r}) (default 3)")
     p.add_argument("--no-reference", action="store_true", help="do not time the anchor script (ViT-Base 224 only)")
     args = p.parse_args(argv)
     started = time.perf_counter()
@@ -498,10 +513,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                      "on random data, drives values into the denormal range within ~100 steps, after which a CPU "
                      "step ran up to 80x slower (a GPU has no such penalty); see benchmarks/common.py.")
     notes += [
-        f"auxwrap fused networks: taps='layer', window={setting.window} (sources per destination block "
-        f"{setting.window_sources}); "
-        f"connections {connections}. The anchor fuses inside groups of 3 blocks (1, 2, 3, 1, 2, 3, ...)"
-        + (": fewer fusion FLOPs than auxwrap's sliding window." if setting.window >= 3 else "."),
+        window_note(next(c.model for c in configs if c.mode == "grad"), connections),
         "auxwrap.Search.step differentiates the loss w.r.t. the gates only (torch.autograd.grad): no weight "
         "gradients in the gate step; the anchor's gate step backpropagates into every weight.",
         "Search with its defaults (Adam lr 1e-2, record=True) and total_steps=1e6, so the L1 weight is 0 and "
@@ -523,8 +535,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
         *[f"- {line}" for line in ratio_lines(rows, setting)], "",
         "## Where the time goes", "",
         "The fused step does more arithmetic than the separate steps: every destination block adds a linear "
-        "layer from up to 3 concatenated source blocks (3C x C per token, against about 12C^2 for a ViT block), "
-        "in the forward pass, the input-gradient and the weight-gradient passes. Time ratio against FLOP ratio:",
+        f"layer from up to {setting.window} concatenated source blocks ({setting.window}C x C per token, against "
+        "about 12C^2 for a ViT block), in the forward pass, the input-gradient and the weight-gradient passes. "
+        "Time ratio against FLOP ratio:",
         "", why_table(rows, setting), "",
         f"Operators by self time, one nas K={k_prof} weight step against {k_prof + 1} single steps (profiler, "
         f"{'device' if device.type == 'cuda' else 'CPU'} time):", "",

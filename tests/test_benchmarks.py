@@ -1,13 +1,15 @@
-"""The benchmarks run (``--quick``, into a temporary folder) and write what the README is generated from.
+"""The benchmarks run (``--quick``, into a temporary folder) and write what benchmarks/README.md is generated from.
 
 The quick runs are slow tests (about half a minute each on 2 CPU cores); they never touch
-``benchmarks/results``. The fast tests check the committed results against the README and lint the folder.
+``benchmarks/results``. The fast tests check the committed results against benchmarks/README.md and lint the
+folder.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -19,6 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 RESULTS = BENCHMARKS / "results"
+BENCHMARKS_README = BENCHMARKS / "README.md"
+MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # the target of a Markdown link
 
 FLOPS_COLUMNS = ["backbone", "K", "model", "flops", "macs", "params"]
 FLOPS_MODELS = {"single", "aux-g-deployed", "aux-nas-deployed", "fused-train-fwd", "fused-train-fwdbwd",
@@ -36,6 +41,12 @@ def run_quick(script: str, out: Path) -> None:
                "--threads", "1"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def broken_links(page: Path) -> list[str]:
+    """The relative link targets of a Markdown page that name nothing, read from the page's folder."""
+    targets = [t.split("#")[0] for t in LINK.findall(page.read_text()) if "://" not in t]
+    return [t for t in targets if t and not (page.parent / t).exists()]
 
 
 def read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -110,12 +121,14 @@ def test_deploy_latency_quick_writes_eager_and_compiled(quick_results: Path) -> 
 
 @pytest.mark.slow
 def test_readme_section_generated_from_quick_results(quick_results: Path, tmp_path: Path) -> None:
-    """From whatever quick results this module made (run alone: the quickest benchmark's only)."""
+    """From whatever quick results this module made (run alone: the quickest benchmark's only), into a page
+    elsewhere (``--readme``), its links relative to that page's folder."""
     names = {"flops": "### FLOPs and parameters", "train_step": "### Training step",
              "deploy_latency": "### Deployed latency"}
     if not any((quick_results / f"{name}.json").is_file() for name in names):
         run_quick("deploy_latency.py", quick_results)
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "benchmarks" / "README.md"
+    readme.parent.mkdir()
     readme.write_text("# x\n\n## Results\n\n<!-- results:start -->\nSTALE-SECTION\n<!-- results:end -->\n\n## Errors\n")
     command = [sys.executable, str(BENCHMARKS / "readme.py"), "--results", str(quick_results), "--readme", str(readme)]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=60)
@@ -125,6 +138,7 @@ def test_readme_section_generated_from_quick_results(quick_results: Path, tmp_pa
     for name, heading in names.items():
         assert (heading in text) == (quick_results / f"{name}.json").is_file()
         assert (name in text.split("No results yet for:")[-1].split("\n")[0]) != (heading in text)
+    assert "Full report: [" in text and not broken_links(readme), broken_links(readme)
     check = subprocess.run([*command, "--check"], cwd=ROOT, capture_output=True, timeout=60)
     assert check.returncode == 0
 
@@ -141,6 +155,29 @@ def test_the_reference_loads_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None
     anchor = train_step.load_anchor(path, torch.device("cpu"))
     assert anchor.dev == "cpu" and anchor.B == 20  # its own default batch: our argv was hidden from it
     assert next(anchor.vit().parameters()).device.type == "cpu"  # its ViT-Base, moved to anchor.dev
+
+
+def test_the_train_step_note_states_the_window_the_fused_networks_have(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The note lists, per destination block, as many sources as the fused network has connections into it (in
+    attach()'s default window form), and the anchor's grouped window beside it (1, 2, 3, 1, 2, 3)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import timm
+    import torch
+    import train_step
+
+    import auxwrap
+    from auxwrap.plan import DEFAULT_WINDOW_FORM
+
+    def vit() -> torch.nn.Module:
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=6, num_classes=4,
+                                 global_pool="")
+
+    net = auxwrap.attach(vit(), vit(), mode="grad", example_inputs=(torch.randn(2, 3, 32, 32),))
+    into = [sum(c.dest == tap.name for c in net.connections()) for tap in net.taps["aux0"]]
+    note = train_step.window_note(net, "grad K=1: 99")
+    assert f"window=3, window_form='{DEFAULT_WINDOW_FORM}' (attach()'s default)" in note
+    assert f"block {', '.join(map(str, into))} ({len(net.connections())} per direction" in note
+    assert note.endswith("1, 2, 3, 1, 2, 3 (12).") and "connections grad K=1: 99." in note
 
 
 def test_the_flops_target_reads_missed_when_a_deployed_row_costs_less_than_the_primary(
@@ -199,12 +236,16 @@ def test_the_ablation_runs_each_configuration_once_and_every_baseline_it_needs(
 
 
 def test_readme_results_section_is_up_to_date() -> None:
-    """The README's results section is what ``python benchmarks/readme.py`` makes of benchmarks/results."""
+    """benchmarks/README.md's results section is what ``python benchmarks/readme.py`` makes of benchmarks/results
+    (its default page), and every link of the page, generated or written, opens from benchmarks/."""
     if not (RESULTS / "flops.json").is_file():
         pytest.skip("no committed benchmark results")
+    assert all(marker in BENCHMARKS_README.read_text() for marker in MARKERS)
     result = subprocess.run([sys.executable, str(BENCHMARKS / "readme.py"), "--check"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "Full report: [results/flops.md](results/flops.md)" in BENCHMARKS_README.read_text()
+    assert not broken_links(BENCHMARKS_README), broken_links(BENCHMARKS_README)
 
 
 def test_the_library_defaults_are_what_the_committed_ablation_supports() -> None:
@@ -253,3 +294,4 @@ def test_the_library_defaults_are_what_the_committed_ablation_supports() -> None
         if gains:
             supported = values[factor][max(gains, key=gains.get)]
         assert library[factor] == supported, (factor, library[factor], supported)
+
