@@ -15,6 +15,7 @@ network by reference: an unpickled network imports deploy again to detach.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -59,7 +60,7 @@ class FusedNet(nn.Module):
         self._graphs = graphs
         self._links = connections
         self._sites = sites
-        self._programs: dict[bool, fx.GraphModule] = {}
+        self._programs = self._build_programs()
         self.training = primary.training  # the user's modules keep their own flags until train()/eval()
 
     # ------------------------------------------------------------------ running
@@ -71,15 +72,19 @@ class FusedNet(nn.Module):
         return AuxOutput(primary, tuple(aux))
 
     def _program(self) -> fx.GraphModule:
-        """The compiled program of the current mode, calling this network's own submodules."""
-        key = self._mode_key()
-        program = self._programs.get(key)
-        if program is None:
-            program = fx.GraphModule(self, self._graphs[key], class_name="FusedForward")
+        """The program of the current mode, calling this network's own submodules."""
+        return self._programs[self._mode_key()]
+
+    def _build_programs(self) -> dict[bool, fx.GraphModule]:
+        """One program per graph, built here rather than on first use: ``torch.compile`` cannot build a
+        GraphModule inside forward (a graph break, and a guard on the programs that changes once per mode)."""
+        programs = {}
+        for key, graph in self._graphs.items():
+            program = fx.GraphModule(self, graph, class_name="FusedForward")
             for name in ("primary", "aux", FUSIONS):
                 setattr(program, name, getattr(self, name))  # the live modules, not GraphModule's copies
-            self._programs[key] = program
-        return program
+            programs[key] = program
+        return programs
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -101,7 +106,7 @@ class FusedNet(nn.Module):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_programs"] = {}  # compiled code is rebuilt on first use after a copy or unpickling
+        state["_programs"] = {}  # generated code is rebuilt by __setstate__ after a copy or unpickling
         # an fx.Graph pickles as a linked list of nodes, one recursion level per node (RecursionError
         # above ~330 nodes): store each graph as a flat list of its nodes instead
         state["_graphs"] = {key: _graph_state(graph) for key, graph in self._graphs.items()}
@@ -110,6 +115,7 @@ class FusedNet(nn.Module):
     def __setstate__(self, state: dict) -> None:
         state = dict(state, _graphs={key: _graph_from_state(s) for key, s in state["_graphs"].items()})
         super().__setstate__(state)
+        self._programs = self._build_programs()
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> FusedNet:
         """``.to()``, ``.double()``, ``.half()``, ``.cuda()``... move the stored example inputs as they move
@@ -228,13 +234,26 @@ def _graph_from_state(state: dict[str, Any]) -> fx.Graph:
 
 
 def unwrap(net: nn.Module, argument: str = "net") -> FusedNet:
-    """The :class:`FusedNet` inside ``net`` (itself, or the ``.module`` of a DDP/DataParallel wrapper)."""
-    inner = net.module if isinstance(net, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else net
+    """The :class:`FusedNet` inside ``net``: itself, or inside the DDP/DataParallel wrappers and
+    ``torch.compile`` modules around it (a compiled network shares the FusedNet's parameters and buffers)."""
+    inner = net
+    while isinstance(inner, (*_PARALLEL, *_compiled_types())):
+        inner = inner.module if isinstance(inner, _PARALLEL) else inner._orig_mod
     if not isinstance(inner, FusedNet):
         raise AuxwrapArgumentError(
-            f"{argument} must be the FusedNet that auxwrap.attach() returns (or a DistributedDataParallel "
-            f"wrapping it), got {type(net).__name__}.")
+            f"{argument} must be the FusedNet that auxwrap.attach() returns (or a DistributedDataParallel or "
+            f"torch.compile module wrapping it), got {type(net).__name__}.")
     return inner
+
+
+_PARALLEL = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+
+
+def _compiled_types() -> tuple[type, ...]:
+    """``torch.compile``'s module wrapper, where torch.compile has been used (its module is loaded then;
+    importing it here would cost seconds at ``import auxwrap``)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return (eval_frame.OptimizedModule,) if eval_frame is not None else ()
 
 
 class _DeploySwitch(nn.Module):
