@@ -107,7 +107,10 @@ def resize(x: torch.Tensor, source: Point, dest: Point, like: torch.Tensor) -> t
     if source.layout == TOKENS and source.prefix == dest.prefix:
         prefix = x[:, :dest.prefix]
     else:
-        prefix = source_map.mean((2, 3)).unsqueeze(1).expand(-1, dest.prefix, -1)
+        # the mean as a pool over the whole map: its gradient keeps a channels-last source's memory format
+        # (the gradients of .mean((2, 3)) and adaptive_avg_pool2d come back NCHW, and turn the source's NCHW)
+        pooled = F.avg_pool2d(source_map, tuple(source_map.shape[-2:])).flatten(1)
+        prefix = pooled.unsqueeze(1).expand(-1, dest.prefix, -1)
     return torch.cat([prefix, grid], dim=1)
 
 

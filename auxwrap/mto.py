@@ -30,9 +30,10 @@ the synchronised call then averages everything accumulated.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -259,9 +260,10 @@ class Balancer(nn.Module):
         if not isinstance(net, nn.Module):
             raise AuxwrapArgumentError(f"net must be an nn.Module, got {type(net).__name__}")
         shared = None if shared is None else _check_shared(shared)
-        if self.method in WEIGHTING_METHODS:
-            return self._backward_weighted(losses, _ddp(net))
-        return self._backward_gradients(losses, net, shared)
+        with _no_autocast(losses[0].device):  # called inside torch.autocast: combine in the gradients' dtype
+            if self.method in WEIGHTING_METHODS:
+                return self._backward_weighted(losses, _ddp(net))
+            return self._backward_gradients(losses, net, shared)
 
     def _backward_weighted(self, losses: list[Tensor], ddp: DistributedDataParallel | None) -> Tensor:
         """One backward of the weighted sum; DWA then records this call's losses. Under DDP the
@@ -450,6 +452,18 @@ def _reachable_leaves(loss: Tensor) -> dict[int, Tensor]:
 def _ddp(net: nn.Module) -> DistributedDataParallel | None:
     """``net`` if it is a DistributedDataParallel wrapper (whose ranks must agree), else None."""
     return net if isinstance(net, DistributedDataParallel) else None
+
+
+@contextlib.contextmanager
+def _no_autocast(device: torch.device) -> Iterator[None]:
+    """Autocast off on ``device`` and the CPU, as ``loss.backward()`` outside the autocast block would run:
+    inside it, the matrix products that combine the task gradients (CAGrad's Gram matrix, PCGrad-aux's and
+    GCS's products) would drop to bfloat16 / float16."""
+    with contextlib.ExitStack() as stack:
+        for kind in dict.fromkeys((device.type, "cpu")):
+            if torch.amp.is_autocast_available(kind):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+        yield
 
 
 def _replaced(gradient: Tensor, _: Tensor) -> Tensor:
