@@ -21,7 +21,7 @@ from .deploy import detach_primary
 from .errors import AuxwrapArgumentError, AuxwrapTapError, argument_error, check_real
 from .examples import default_example_inputs, device_and_dtype
 from .fused import FusedNet
-from .fusion import DEFAULT_GATE, Fusion, Point, check_gate, token_grid
+from .fusion import DEFAULT_GATE, Fusion, Point, check_fusion_rank, check_gate, token_grid
 from .plan import (
     DEFAULT_WINDOW_FORM,
     PRIMARY,
@@ -55,6 +55,7 @@ def attach(
     example_inputs: Any = None,
     alpha_init: float | tuple[float, float] = DEFAULT_ALPHA_INIT,
     gate: str = DEFAULT_GATE,
+    fusion_rank: int | float | None = None,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -82,6 +83,11 @@ def attach(
             gates are fixed at 1.
         gate: how a gate's value comes from its parameter in mode="nas": ``"sigmoid"`` (the authors') or
             ``"clamp"`` (straight-through clamp to [0, 1]); see :mod:`auxwrap.fusion`.
+        fusion_rank: ``None`` (the default): every fusion's W is full rank (Eq. 13/14). Else a cheaper, low-rank
+            W = B . A at every fusion: an int r >= 1 (rank r), or a float in (0, 1] (that fraction of the
+            destination's channels C, rounded up: 0.25 is C/4; ``1`` is rank 1, ``1.0`` is C). A fusion where
+            rank r would cost at least its full W keeps the full W, so no fusion costs more than at full rank.
+            B is zero-initialised: step 0 still computes exactly the original branches.
         leaf_modules: passed to :func:`auxwrap.trace` for every branch (modules kept as one opaque call).
         autowrap_functions: passed to :func:`auxwrap.trace` for every branch (functions kept as one call).
         concrete_args: passed to :func:`auxwrap.trace` for every branch (forward() arguments fixed to a value).
@@ -99,6 +105,7 @@ def attach(
     gate_init = _check_alpha(alpha_init)  # (to the primary, to an auxiliary)
     gate_init = None if mode == "grad" else gate_init  # Aux-G's gates are fixed at 1
     gate = check_gate(gate)
+    fusion_rank = check_fusion_rank(fusion_rank)
     aux_models = _check_models(primary, aux)
     models = {PRIMARY: primary, **{aux_branch(k): m for k, m in enumerate(aux_models)}}
     _check_devices_and_dtypes(models)
@@ -116,7 +123,7 @@ def attach(
         read_points = _reader_points(by_mode[False][PRIMARY], inputs, readers, specs)
         connections = plan(points, mode, window, window_form)
         fusion_sites = sites(connections, points)
-        fusions = {site.name: _fusion(site, models, gate_init, gate) for site in fusion_sites}
+        fusions = {site.name: _fusion(site, models, gate_init, gate, fusion_rank) for site in fusion_sites}
         _check_fusions(fusion_sites, fusions)
 
         prefixes = {PRIMARY: "primary", **{aux_branch(k): f"aux.{k}" for k in range(len(aux_models))}}
@@ -260,10 +267,11 @@ def _find_points(branches: dict[str, Traced], inputs: tuple, specs: dict[str, Ta
 
 # ---------------------------------------------------------------------- fusion modules
 
-def _fusion(site: Site, models: dict[str, nn.Module], gate_init: tuple[float, float] | None, gate: str) -> Fusion:
+def _fusion(site: Site, models: dict[str, nn.Module], gate_init: tuple[float, float] | None, gate: str,
+            rank: int | float | None = None) -> Fusion:
     sources = [_point(t, models[site.source_branch]) for t in site.sources]
     init = None if gate_init is None else gate_init[0] if site.dest_branch == PRIMARY else gate_init[1]
-    return Fusion(sources, _point(site.dest, models[site.dest_branch]), init, gate)
+    return Fusion(sources, _point(site.dest, models[site.dest_branch]), init, gate, rank)
 
 
 def _point(tap: Tap, model: nn.Module) -> Point:

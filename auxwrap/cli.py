@@ -68,6 +68,19 @@ def tap_spec(text: str) -> str | list[str]:
     return names
 
 
+def fusion_rank_arg(text: str) -> int | float:
+    """A --fusion-rank value: an int (a rank) or a float (a fraction of each destination's channels), as
+    ``attach(fusion_rank=...)`` takes them; attach() checks the range."""
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a number; give an int r >= 1 (rank r at every fusion) or a fraction in (0, 1] of each "
+        "destination's channels, e.g. 0.25 for C/4")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m auxwrap``: sub-commands demo, taps and flops."""
     parser = argparse.ArgumentParser(prog="python -m auxwrap", description=__doc__, epilog=EPILOG,
@@ -132,6 +145,9 @@ def _add_flops(commands: Any) -> None:
                        help="the primary's fusion points, as --taps (default: --taps)")
     flops.add_argument("--aux-taps", type=tap_spec, default=None, metavar="SPEC",
                        help="every auxiliary's fusion points, as --taps (default: --taps)")
+    flops.add_argument("--fusion-rank", type=fusion_rank_arg, default=None, metavar="R",
+                       help="low-rank fusions, as attach(fusion_rank=R): an int rank, or a fraction of each "
+                            "destination's channels such as 0.25 (default: full rank)")
     flops.add_argument("--size", type=int, default=224, help="input height and width")
     flops.add_argument("--batch", type=int, default=1, help="batch size of the counted pass")
     flops.add_argument("--json", action="store_true", help="print the costs as JSON on stdout")
@@ -265,14 +281,16 @@ def _flops(args: argparse.Namespace) -> int:
     if args.primary_taps is not None or args.aux_taps is not None:  # attach()'s per-branch form
         taps = {PRIMARY: args.primary_taps or args.taps, "aux": args.aux_taps or args.taps}
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    net = attach(primary, aux, args.mode, taps=taps, example_inputs=(x,))
+    net = attach(primary, aux, args.mode, taps=taps, example_inputs=(x,), fusion_rank=args.fusion_rank)
     costs = report(net, x)
     if args.json:
         print(json.dumps({"primary": args.primary, "aux": args.aux, "mode": args.mode, "taps": taps,
-                          "connections": len(net.connections()), "inputs": costs.inputs,
+                          "fusion_rank": args.fusion_rank, "connections": len(net.connections()),
+                          "inputs": costs.inputs,
                           "rows": [{**asdict(row), "macs": row.macs} for row in costs.rows]}, indent=2))
     else:
-        print(f"{args.primary} + {', '.join(args.aux)} (mode={args.mode}, taps={taps}, "
+        rank = "" if args.fusion_rank is None else f"fusion_rank={args.fusion_rank}, "
+        print(f"{args.primary} + {', '.join(args.aux)} (mode={args.mode}, taps={taps}, {rank}"
               f"{len(net.connections())} connections)\n")
         print(costs)
     return 0

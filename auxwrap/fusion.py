@@ -10,6 +10,13 @@ branches. Where the destination ends a conv -> norm -> activation unit, R~_i is 
 the backbone's own norm and activation follow the fusion (Eq. 13 as written); elsewhere they are
 identity.
 
+With ``fusion_rank`` (an option, not the default; :func:`check_fusion_rank`, :func:`low_rank`) W_i = B . A
+has rank r: A (bias-free, torch's default init) projects the concatenated sources to r channels, which is
+the sum of one projection A_j per source, and B (bias-free, zero-initialised, so step 0 is still exact) maps
+those r channels to the destination's: r * (sources' channels + C) multiply-adds per position instead of
+sources' channels * C. Summing the projected sources costs less than concatenating them (then B would read
+n_sources * r channels) and is the plain rank-r factorisation of W.
+
 The gates (DESIGN.md §2): each ``alpha_j = map(theta_j) * ceiling * live_j`` with a learnable ``theta``:
 
 - ``gate="sigmoid"`` (the authors'): ``map = sigmoid``. Its gradient is positive everywhere, so no gate
@@ -35,7 +42,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from .analysis import NCHW, NHWC, TOKENS, VECTOR
-from .errors import AuxwrapArgumentError
+from .errors import AuxwrapArgumentError, argument_error, check_int, check_real, is_integer, is_real
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,45 @@ def check_gate(gate: object) -> str:
     return gate
 
 
+FUSION_RANK_FIX = ("pass fusion_rank=None (full rank, the default), an int r >= 1 (r channels at every fusion) or a "
+                   "fraction in (0, 1] of each destination's channels, e.g. 0.25 for C/4")
+
+
+def check_fusion_rank(fusion_rank: object) -> int | float | None:
+    """``fusion_rank`` as given where it is valid: None (full rank), an int >= 1 (that rank at every fusion) or
+    a float in (0, 1] (that fraction of each destination's channels; ``1`` is rank 1, ``1.0`` all of C)."""
+    if fusion_rank is None:
+        return None
+    if is_integer(fusion_rank):
+        return check_int("fusion_rank", fusion_rank, 1, allowed="None, an int >= 1 or a float in (0, 1]",
+                         fix=FUSION_RANK_FIX)
+    if is_real(fusion_rank):
+        return check_real("fusion_rank", fusion_rank, 0.0, 1.0, low_open=True,
+                          allowed="None, an int >= 1 or a float in (0, 1]", fix=FUSION_RANK_FIX)
+    raise argument_error("fusion_rank", fusion_rank, "None, an int >= 1 or a float in (0, 1]", fix=FUSION_RANK_FIX)
+
+
+def low_rank(fusion_rank: int | float | None, in_channels: int, out_channels: int) -> int | None:
+    """The rank r of a fusion from ``in_channels`` source channels to ``out_channels`` (``fusion_rank`` checked
+    by :func:`check_fusion_rank`: an int r, or a fraction of ``out_channels`` rounded up, at least 1); None (full
+    rank) where r channels would cost at least the full W: ``r * (in + out) >= in * out`` multiply-adds per
+    position, so a low-rank fusion never costs more than the full one."""
+    if fusion_rank is None:
+        return None
+    # a fraction is rounded before ceil: 0.07 * 100 is 7.000000000000001 in floating point, and 7 % of 100 is 7
+    rank = int(fusion_rank) if is_integer(fusion_rank) else max(1, math.ceil(round(fusion_rank * out_channels, 9)))
+    return rank if rank * (in_channels + out_channels) < in_channels * out_channels else None
+
+
+def _channel_map(layout: str, in_channels: int, out_channels: int, init: bool) -> nn.Module:
+    """A bias-free 1x1 convolution (NCHW) or linear layer (the channels last) from ``in_channels`` to
+    ``out_channels``; torch's default init where ``init``, else left uninitialised (:func:`skip_init`)."""
+    layer, args = nn.Linear, (in_channels, out_channels)
+    if layout == NCHW:
+        layer, args = nn.Conv2d, (*args, 1)
+    return layer(*args, bias=False) if init else skip_init(layer, *args, bias=False)
+
+
 class Fusion(nn.Module):
     """``dest + W . concat(alpha_j * resize(source_j))`` at one point, from one other branch.
 
@@ -153,17 +199,23 @@ class Fusion(nn.Module):
         dest: the destination point.
         gate_init: initial gate value of every source; ``None`` for fixed gates of 1 (Aux-G).
         gate: how a gate value comes from its parameter: ``"sigmoid"`` or ``"clamp"`` (see the module doc).
+        rank: ``fusion_rank`` (:func:`check_fusion_rank`); the fusion's own rank is :func:`low_rank` of it.
+
+    ``weight`` is W (full rank), or B of W = B . A (low rank, :attr:`rank` r), both zero-initialised;
+    ``reduce`` is A (None at full rank), from the concatenated source channels to r.
     """
 
-    def __init__(self, sources: list[Point], dest: Point, gate_init: float | None, gate: str = DEFAULT_GATE):
+    def __init__(self, sources: list[Point], dest: Point, gate_init: float | None, gate: str = DEFAULT_GATE,
+                 rank: int | float | None = None):
         super().__init__()
         self.sources = list(sources)
         self.dest = dest
         in_channels = sum(s.channels for s in sources)
-        if dest.layout == NCHW:  # skip_init: the random init would be overwritten by zeros anyway
-            self.weight = skip_init(nn.Conv2d, in_channels, dest.channels, 1, bias=False)
-        else:
-            self.weight = skip_init(nn.Linear, in_channels, dest.channels, bias=False)
+        self.rank = low_rank(check_fusion_rank(rank), in_channels, dest.channels)
+        self.reduce = None if self.rank is None else _channel_map(dest.layout, in_channels, self.rank, init=True)
+        # skip_init: the random init would be overwritten by zeros anyway
+        self.weight = _channel_map(dest.layout, in_channels if self.rank is None else self.rank, dest.channels,
+                                   init=False)
         nn.init.zeros_(self.weight.weight)
         self.gate_map = check_gate(gate)
         self.gate = None
@@ -217,9 +269,10 @@ class Fusion(nn.Module):
             self.gate.clamp_(0.0, 1.0)
 
     def contribution(self, dest: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
-        """``W . concat(alpha_j * resize(source_j))``: what this fusion adds to ``dest``."""
+        """``W . concat(alpha_j * resize(source_j))``: what this fusion adds to ``dest`` (low rank: B . A . concat)."""
         channel_dim = 1 if self.dest.layout == NCHW else -1
-        return self.weight(torch.cat(self._gated_features(dest, sources), dim=channel_dim))
+        features = torch.cat(self._gated_features(dest, sources), dim=channel_dim)
+        return self.weight(features if self.reduce is None else self.reduce(features))
 
     def source_contributions(self, dest: torch.Tensor, *sources: torch.Tensor) -> list[torch.Tensor]:
         """What each source adds on its own: ``W_j . (alpha_j * resize(source_j))``; they sum to
@@ -230,9 +283,15 @@ class Fusion(nn.Module):
         return [F.linear(f, self.source_weight(j)) for j, f in enumerate(features)]
 
     def source_weight(self, j: int) -> torch.Tensor:
-        """The columns of W that read source ``j``."""
+        """The columns of W that read source ``j`` (low rank: the effective ``W_j = B . A_j``), in the layer's
+        weight layout (``(C, C_j, 1, 1)`` for a 1x1 convolution, ``(C, C_j)`` for a linear layer)."""
         start = sum(s.channels for s in self.sources[:j])
-        return self.weight.weight[:, start:start + self.sources[j].channels]
+        columns = slice(start, start + self.sources[j].channels)
+        if self.reduce is None:
+            return self.weight.weight[:, columns]
+        a = self.reduce.weight[:, columns]
+        w = self.weight.weight.flatten(1) @ a.flatten(1)
+        return w.reshape(w.shape + a.shape[2:])
 
     def _gated_features(self, dest: torch.Tensor, sources: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         features = [resize(x, point, self.dest, dest) for x, point in zip(sources, self.sources, strict=True)]
@@ -246,4 +305,5 @@ class Fusion(nn.Module):
 
     def extra_repr(self) -> str:
         gates = "fixed 1" if self.gate is None else f"learnable ({self.gate_map})"
-        return f"{len(self.sources)} sources -> {self.dest.layout} x{self.dest.channels}, gates {gates}"
+        rank = "full rank" if self.rank is None else f"rank {self.rank}"
+        return f"{len(self.sources)} sources -> {self.dest.layout} x{self.dest.channels}, {rank}, gates {gates}"

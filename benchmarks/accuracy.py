@@ -1,4 +1,5 @@
-"""Accuracy of the deployed primary: Single, Aux-Head, Aux-Module, Aux-G-Stage, Aux-G-Layer, Aux-NAS, Aux-NAS + MTO.
+"""Accuracy of the deployed primary: Single, Aux-Head, Aux-Module, Aux-G-Stage, Aux-G-Layer, Aux-NAS, Aux-NAS + MTO,
+and Aux-G-Layer and Aux-NAS with low-rank fusions (``fusion_rank``, C/4), each paired with its full-rank run.
 
 Every method trains the same built-in model with the same optimiser and number of weight steps, under the
 protocol of the task's FULL config (the paper's: both single-task models pretrained first, every method of a
@@ -30,15 +31,25 @@ from pathlib import Path
 import common
 from common import METRICS, PERCENT, fmt_delta, fmt_metric, mean_std, paired
 
-from auxwrap.demo.experiments import FULL, METHODS, QUICK, TASKS, Config, method_label, pretrain_epochs
+from auxwrap.demo.experiments import (
+    FULL,
+    METHODS,
+    QUICK,
+    RANK_SUFFIX,
+    TASKS,
+    Config,
+    method_label,
+    pretrain_epochs,
+)
 
 NOTES = "<!-- notes -->"
 BASELINES = ("single", "aux-g-layer")  # the paired differences of the tables and the targets
 
 
-def run_grid(tasks: Sequence[str], seeds: int, configs: dict[str, Config], jobs: int) -> list[dict]:
+def run_grid(tasks: Sequence[str], seeds: int, configs: dict[str, Config], jobs: int,
+             methods: Sequence[str] = METHODS) -> list[dict]:
     """Every (task, method, seed) on ``jobs`` processes (:func:`common.train_grid`); rows in grid order."""
-    return common.train_grid([(t, m, s, configs[t]) for t in tasks for m in METHODS for s in range(seeds)], jobs)
+    return common.train_grid([(t, m, s, configs[t]) for t in tasks for m in methods for s in range(seeds)], jobs)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -58,9 +69,19 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
                 "label": runs[0]["label"], "n": len(runs),
                 "stats": {m: mean_std([r[m] for r in runs]) for m, _ in METRICS[task]},
                 "delta": {b: paired(runs, by_method[b], headline) if method != b else None for b in BASELINES},
+                "full_rank": _full_rank_delta(method, runs, by_method, headline),
                 "flops": {r["flops"] for r in runs}, "params": {r["params"] for r in runs},
                 "seconds": statistics.fmean(r["seconds"] for r in runs)}
     return summary
+
+
+def _full_rank_delta(method: str, runs: list[dict], by_method: dict[str, list[dict]],
+                     headline: str) -> tuple[float, float, int] | None:
+    """A low-rank method's per-seed differences to the same method at full rank (None for the others)."""
+    if not method.endswith(RANK_SUFFIX):
+        return None
+    full = by_method.get(method.removesuffix(RANK_SUFFIX))
+    return paired(runs, full, headline) if full else None
 
 
 def markdown_table(task: str, summary: dict) -> str:
@@ -68,7 +89,7 @@ def markdown_table(task: str, summary: dict) -> str:
     name = metrics[0][0]
     head = ["method", *(f"{m} ({'↓' if low else '↑'})" for m, low in metrics),
             *(f"Δ {name} vs {method_label(b)}, paired" for b in BASELINES),
-            "deployed MFLOPs", "params", "FLOPs / Single", "train s/run"]
+            f"Δ {name} vs full rank, paired", "deployed MFLOPs", "params", "FLOPs / Single", "train s/run"]
     body = []
     base_flops = next(iter(summary[task, "single"]["flops"]))
     for method in METHODS:
@@ -79,7 +100,8 @@ def markdown_table(task: str, summary: dict) -> str:
         ratio = ", ".join(f"{f / base_flops:.3f}" for f in sorted(entry["flops"]))
         params = ", ".join(f"{p:,}" for p in sorted(entry["params"]))
         body.append([entry["label"], *(fmt_metric(m, *entry["stats"][m]) for m, _ in metrics),
-                     *(fmt_delta(name, entry["delta"][b]) for b in BASELINES), flops, params, ratio,
+                     *(fmt_delta(name, entry["delta"][b]) for b in BASELINES),
+                     fmt_delta(name, entry["full_rank"]), flops, params, ratio,
                      f"{entry['seconds']:.0f}"])
     return common.markdown_table(head, body)
 
@@ -126,7 +148,9 @@ def write_markdown(rows: list[dict], configs: dict[str, Config], args: argparse.
         "validation score (Aux-NAS: among epochs after the α^P cut). FLOPs: one sample, `auxwrap.count_flops`. "
         "Δ: the mean ± std over seeds of the per-seed difference to Single or to Aux-G-Layer (the same seed gives "
         "every method the same primary init, pretrained weights and batch order), \"within noise\" where its mean "
-        "is no larger than its std. Raw rows: `accuracy.csv`; plot: `accuracy.png`.",
+        "is no larger than its std; \"vs full rank\": a low-rank method (`attach(..., fusion_rank=...)`) against "
+        "the same method at full rank, which it should match within noise to be worth offering. Raw rows: "
+        "`accuracy.csv`; plot: `accuracy.png`.",
         "",
         "Protocol (DESIGN.md §8): under \"pretrained\" (the paper's) the primary's model and the auxiliary model "
         "are first trained alone (the Single recipe), every method of a seed starts from those weights (parts "
@@ -209,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models and data: checks that everything runs")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--mto", default="pcgrad-aux", help="the auxwrap.mto method of Aux-NAS + MTO")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), metavar="METHOD",
+                        help=f"the methods to train, in table order (default: all of {', '.join(METHODS)}); "
+                             f"{' and '.join(BASELINES)} are always trained: the paired differences need them")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default: {common.RESULTS.relative_to(common.ROOT)} for full runs, "
                              f"{common.QUICK_RESULTS} with --quick, so a quick run never overwrites the results)")
@@ -217,12 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--seeds and --jobs must be at least 1")
     args.command = "python " + shlex.join(["benchmarks/accuracy.py", *(sys.argv[1:] if argv is None else argv)])
     tasks = TASKS if args.task == "all" else (args.task,)
+    methods = [m for m in METHODS if m in {*BASELINES, *args.methods}]
     configs = {t: replace((QUICK if args.quick else FULL)[t], mto=args.mto) for t in tasks}
-    labels = ", ".join(method_label(m, configs[tasks[0]]) for m in METHODS)
-    print(f"{args.command}: {len(tasks)} task(s) x {len(METHODS)} methods ({labels}) x {args.seeds} seed(s)")
+    labels = ", ".join(method_label(m, configs[tasks[0]]) for m in methods)
+    print(f"{args.command}: {len(tasks)} task(s) x {len(methods)} methods ({labels}) x {args.seeds} seed(s)")
     args.out = common.out_dir(args)
     loads, start = [os.getloadavg()[0]], time.perf_counter()
-    rows = run_grid(tasks, args.seeds, configs, args.jobs)
+    rows = run_grid(tasks, args.seeds, configs, args.jobs, methods)
     wall = time.perf_counter() - start
     loads.append(os.getloadavg()[0])
     common.write_csv(args.out / "accuracy.csv", common.columns_of(rows), rows, fill="")

@@ -8,6 +8,8 @@ For each backbone and K auxiliaries (copies of the backbone's architecture, rand
   (``auxwrap.deploy.cut_links``), then ``detach_primary()``; must cost N.
 - ``fused-train-fwd`` / ``fused-train-fwdbwd``: the Aux-NAS fused training graph (train mode), one forward,
   and one forward + backward (``count_flops(net, x, backward=True)``); counted in eval mode (see :func:`count`).
+- ``fused-train-fwd-rank`` / ``fused-train-fwdbwd-rank``: the same at ``attach(..., fusion_rank=0.25)`` (low-rank
+  fusions W = B . A of rank C/4, C the destination's channels), for K = 1, 2.
 - ``soft-sharing``: the same branches kept whole at inference, every connection on, as soft-sharing MTL runs
   them (the Aux-NAS fused network's forward).
 - ``aux-head``: a shared-encoder Aux-Head model (the primary's backbone + K+1 linear heads), forward.
@@ -40,8 +42,9 @@ import auxwrap
 from auxwrap.deploy import cut_links
 
 COLUMNS = ("backbone", "K", "model", "flops", "macs", "params")
-MODELS = ("single", "aux-g-deployed", "aux-nas-deployed", "fused-train-fwd", "fused-train-fwdbwd", "soft-sharing",
-          "aux-head", "aux-module-train-fwd", "aux-module-train-fwdbwd", "aux-module-deployed")
+MODELS = ("single", "aux-g-deployed", "aux-nas-deployed", "fused-train-fwd", "fused-train-fwdbwd",
+          "fused-train-fwd-rank", "fused-train-fwdbwd-rank", "soft-sharing", "aux-head", "aux-module-train-fwd",
+          "aux-module-train-fwdbwd", "aux-module-deployed")
 DEPLOYED = ("aux-g-deployed", "aux-nas-deployed", "aux-module-deployed")
 
 
@@ -52,6 +55,10 @@ FULL = (Backbone("VGG-16", "torchvision:vgg16", 224), Backbone("ResNet-50", "tim
 QUICK = (Backbone("ResNet-18", "timm:resnet18", 32),
          Backbone("ViT-Tiny", "timm:vit_tiny_patch16_224", 32, {"img_size": 32}))
 TAPS, WINDOW = "layer", 3
+#: the low-rank rows: ``attach(..., fusion_rank=RANK)`` (C/4), for these K only (each K adds a fused count)
+RANK, RANK_KS = 0.25, (1, 2)
+#: issue 15: a ResNet-50 pair's fused forward at rank C/4 under this many times the primary's
+RANK_TARGET = ("ResNet-50", 1, 3.5)
 
 
 # ---------------------------------------------------------------------- models
@@ -151,6 +158,8 @@ def measure(backbone: Backbone, k: int) -> Measured:
     counts["fused-train-fwd"] = count(nas, x)
     counts["fused-train-fwdbwd"] = count(nas, x, backward=True)
     counts["soft-sharing"] = counts["fused-train-fwd"]  # the same program, all connections on (gates at 0.5)
+    if k in RANK_KS:
+        counts.update(rank_counts(primary, aux, x))
     cut_links(nas)
     counts["aux-nas-deployed"] = count(nas.detach_primary(), x)
     sizes = sorted(((site.name, auxwrap.count_parameters(fusion), _describe(site))
@@ -164,6 +173,12 @@ def measure(backbone: Backbone, k: int) -> Measured:
     gc.collect()
     counts["aux-head"] = count(aux_head(backbone, k).eval(), x)
     return measured
+
+
+def rank_counts(primary: nn.Module, aux: list[nn.Module], x: torch.Tensor) -> dict[str, Count]:
+    """The Aux-NAS fused training graph with low-rank fusions (``fusion_rank=RANK``): forward, forward + backward."""
+    net = auxwrap.attach(primary, aux, mode="nas", taps=TAPS, window=WINDOW, example_inputs=(x,), fusion_rank=RANK)
+    return {"fused-train-fwd-rank": count(net, x), "fused-train-fwdbwd-rank": count(net, x, backward=True)}
 
 
 def aux_module_counts(primary: nn.Module, k: int, x: torch.Tensor) -> dict[str, Count]:
@@ -182,11 +197,13 @@ def aux_module_counts(primary: nn.Module, k: int, x: torch.Tensor) -> dict[str, 
 
 def rows_of(backbone: Backbone, k: int, m: Measured) -> list[dict]:
     return [{"backbone": backbone.name, "K": k, "model": model, "flops": m.counts[model].flops,
-             "macs": m.counts[model].flops // 2, "params": m.counts[model].params} for model in MODELS]
+             "macs": m.counts[model].flops // 2, "params": m.counts[model].params} for model in MODELS
+            if model in m.counts]
 
 
 def targets(rows: Sequence[dict]) -> list[common.Target]:
-    """Deployed / primary: FLOPs exactly 1 and parameters at most 1, on every row (the worst row is shown)."""
+    """Deployed / primary: FLOPs exactly 1 and parameters at most 1, on every row (the worst row is shown); the
+    low-rank fused forward of :data:`RANK_TARGET` over its primary."""
     single = {(r["backbone"], r["K"]): r for r in rows if r["model"] == "single"}
     deployed = [r for r in rows if r["model"] in DEPLOYED]
     flops = [r["flops"] / single[(r["backbone"], r["K"])]["flops"] for r in deployed]
@@ -199,7 +216,19 @@ def targets(rows: Sequence[dict]) -> list[common.Target]:
                           f"{'all' if exact else 'NOT all'} exactly equal"),
         common.check("deployed / primary parameters, every row", max(params), 1.0,
                      note=f"largest of {len(deployed)} rows (BN folded: below 1 where the backbone has BN)"),
+        rank_target(rows),
     ]
+
+
+def rank_target(rows: Sequence[dict]) -> common.Target:
+    """:data:`RANK_TARGET`: the fused forward at ``fusion_rank=RANK`` over the primary (its full rank in the note)."""
+    backbone, k, limit = RANK_TARGET
+    by = {r["model"]: r["flops"] for r in rows if r["backbone"] == backbone and r["K"] == k}
+    name = f"{backbone} K={k} fused forward at rank C/4 / primary"
+    if "fused-train-fwd-rank" not in by:
+        return common.check(name, None, limit, missing=f"{backbone} K={k} is not in this run")
+    return common.check(name, by["fused-train-fwd-rank"] / by["single"], limit,
+                        note=f"full rank: {by['fused-train-fwd'] / by['single']:.3f}")
 
 
 def _g(flops: int) -> str:
@@ -283,6 +312,9 @@ def body_markdown(rows: Sequence[dict], measured: dict[tuple[str, int], Measured
         f"{points}. FLOPs = 2 x MACs, counted by `auxwrap.count_flops` (convolutions and matrix products, "
         "attention included; norms and element-wise ops are not FLOPs here). The fused rows are Aux-NAS "
         "(links both ways); `soft-sharing` is the same network in eval mode with every connection on. "
+        f"The `-rank` rows (K = {', '.join(map(str, RANK_KS))}) are the fused rows with low-rank fusions, "
+        f"`attach(..., fusion_rank={RANK})`: W = B . A of rank C/4 (C the destination's channels), an option, "
+        "not the default. "
         "`aux-head` is the training model of hard sharing (encoder + K+1 heads); at inference it drops its "
         "auxiliary heads and costs N plus nothing. The `aux-module` rows are the primary with K auxiliary modules of "
         "Liu et al. (2019) on its layer points (1x1 conv-BN-ReLU adaptors to 64 channels, summed, a linear "

@@ -40,11 +40,12 @@ def test_every_method_deploys_the_primary_at_single_task_cost(digits):
 def test_every_method_makes_the_same_number_of_weight_steps(digits):
     steps = TINY.epochs * (TINY.n_train // TINY.batch_size)
     assert {r.weight_steps for r in digits.values()} == {steps}
-    assert {m: r.gate_steps for m, r in digits.items() if r.gate_steps} == {"aux-nas": steps, "aux-nas+mto": steps}
+    assert {m: r.gate_steps for m, r in digits.items() if r.gate_steps} == {"aux-nas": steps, "aux-nas-rank": steps,
+                                                                            "aux-nas+mto": steps}
 
 
 def test_aux_nas_is_cut_before_its_state_is_kept(digits):
-    for method in ("aux-nas", "aux-nas+mto"):
+    for method in ("aux-nas", "aux-nas-rank", "aux-nas+mto"):
         result = digits[method]
         assert result.search.is_cut and result.search.steps_done == result.gate_steps
         assert result.best_epoch >= TINY.epochs * 0.8  # only states after the cut are eligible

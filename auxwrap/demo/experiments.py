@@ -12,6 +12,8 @@ function, :func:`run`, that trains one method on one task and evaluates the *dep
 - ``"aux-nas"``: ``attach(..., mode="nas")`` with :class:`auxwrap.Search` on :func:`auxwrap.search_loaders`
   (the README's recipe).
 - ``"aux-nas+mto"``: Aux-NAS whose weight step is ``auxwrap.mto.backward(..., method=Config.mto)``.
+- ``"aux-g-layer-rank"`` / ``"aux-nas-rank"``: Aux-G-Layer / Aux-NAS with low-rank fusions,
+  ``attach(..., fusion_rank=Config.fusion_rank)`` (C/4 by default), to compare with full rank seed by seed.
 
 Two protocols (``Config.protocol``, DESIGN.md §8). ``"scratch"``: every model starts from random init.
 ``"pretrained"`` (the paper's, Appendix C): the primary's model and the auxiliary model are first trained
@@ -49,7 +51,7 @@ from .. import mto
 from ..attach import DEFAULT_ALPHA_INIT, attach
 from ..auxmodule import AuxModule
 from ..deploy import fold_module, prune
-from ..errors import AuxwrapArgumentError, is_integer
+from ..errors import AuxwrapArgumentError, is_integer, is_real
 from ..flops import count_flops, count_parameters
 from ..fused import FusedNet
 from ..fusion import DEFAULT_GATE
@@ -82,10 +84,14 @@ __all__ = [
 ]
 
 TASKS = ("digits", "scenes-seg", "scenes-normals", "scenes-few")
-METHODS = ("single", "aux-head", "aux-module", "aux-g-stage", "aux-g-layer", "aux-nas", "aux-nas+mto")
+METHODS = ("single", "aux-head", "aux-module", "aux-g-stage", "aux-g-layer", "aux-g-layer-rank", "aux-nas",
+           "aux-nas-rank", "aux-nas+mto")
 #: the display names of the methods, as in the paper's tables
 LABELS = {"single": "Single", "aux-head": "Aux-Head", "aux-module": "Aux-Module", "aux-g-stage": "Aux-G-Stage",
-          "aux-g-layer": "Aux-G-Layer", "aux-nas": "Aux-NAS", "aux-nas+mto": "Aux-NAS + {mto}"}
+          "aux-g-layer": "Aux-G-Layer", "aux-g-layer-rank": "Aux-G-Layer rank {rank}", "aux-nas": "Aux-NAS",
+          "aux-nas-rank": "Aux-NAS rank {rank}", "aux-nas+mto": "Aux-NAS + {mto}"}
+#: the suffix of the methods with low-rank fusions (``attach(..., fusion_rank=Config.fusion_rank)``)
+RANK_SUFFIX = "-rank"
 #: ``Config.protocol``: every model from random init, or both single-task models pretrained first (the paper's)
 PROTOCOLS = ("scratch", "pretrained")
 
@@ -246,7 +252,8 @@ class Config:
     points), ``alpha_init`` (the initial gates: one value, or ``(aux_to_primary, primary_to_aux)``), ``gate``
     (the gate's form), ``window_form`` (which source points feed a fusion point; Aux-G-Stage/-Layer too),
     ``search_lr`` (the gates' Adam lr), ``l1`` (the final penalty weight; None: Search's default), ``decay``
-    (the penalty's form), ``ramp`` (where the penalty's weight rises; the cut is at its end).
+    (the penalty's form), ``ramp`` (where the penalty's weight rises; the cut is at its end); ``fusion_rank``:
+    the ``attach(fusion_rank=...)`` of the ``"-rank"`` methods (0.25: C/4; the other methods use full rank).
     """
 
     epochs: int = 10
@@ -272,13 +279,14 @@ class Config:
     l1: float | None = None
     decay: str = DEFAULT_DECAY
     ramp: tuple[float, float] = (0.5, 0.8)
+    fusion_rank: int | float = 0.25
     progress: bool = True
 
 
 #: the Config fields that change only how a method trains once set up: the task's data, its models and their
 #: pretraining do not depend on them (see :func:`shared_config`)
 METHOD_FIELDS = ("epochs", "protocol", "aux_weight", "mto", "taps", "alpha_init", "window_form", "gate", "search_lr",
-                 "l1", "decay", "ramp", "progress")
+                 "l1", "decay", "ramp", "fusion_rank", "progress")
 
 
 def pretrain_epochs(config: Config) -> int:
@@ -486,8 +494,18 @@ class Result:
 
 
 def method_label(method: str, config: Config | None = None) -> str:
-    """The display name of ``method`` (``"aux-nas+mto"`` names its optimisation method)."""
-    return LABELS[method].format(mto=(config or Config()).mto)
+    """The display name of ``method`` (``"aux-nas+mto"`` names its optimisation method, a ``"-rank"`` method its
+    fusion rank: ``C/4`` for 0.25)."""
+    config = config or Config()
+    return LABELS[method].format(mto=config.mto, rank=_rank_text(config.fusion_rank))
+
+
+def _rank_text(fusion_rank: int | float) -> str:
+    """``fusion_rank`` in words: an int as is, a fraction of C as ``C/4`` (or ``0.3C`` where 1/f is no int)."""
+    if is_integer(fusion_rank) or not is_real(fusion_rank) or not 0 < fusion_rank <= 1:
+        return str(fusion_rank)  # an int, or a value attach() refuses with its reason
+    inverse = 1 / fusion_rank
+    return f"C/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-9 else f"{fusion_rank:g}C"
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -528,7 +546,8 @@ def _network(method: str, task: Task, config: Config, states: Mapping[str, Mappi
         aux = task.build(True)
         if states is not None:
             aux.load_state_dict(states["aux"])
-        mode, taps = ("grad", method.removeprefix("aux-g-")) if method.startswith("aux-g-") else ("nas", config.taps)
+        base = method.removesuffix(RANK_SUFFIX)
+        mode, taps = ("grad", base.removeprefix("aux-g-")) if base.startswith("aux-g-") else ("nas", config.taps)
     net = attach(primary, aux, mode=mode, taps=taps, example_inputs=example, **_attach_options(method, config))
     return _Setup(net, primary, _outputs_of(method))
 
@@ -541,6 +560,8 @@ def _attach_options(method: str, config: Config) -> dict[str, Any]:
         options["window_form"] = config.window_form
     if method.startswith("aux-nas"):
         options |= {"alpha_init": config.alpha_init, "gate": config.gate}
+    if method.endswith(RANK_SUFFIX):
+        options["fusion_rank"] = config.fusion_rank
     return options
 
 
