@@ -79,11 +79,19 @@ def flops_section(meta: dict, rows: list[dict[str, str]]) -> str:
 
 
 def train_section(meta: dict, rows: list[dict[str, str]]) -> str:
-    body = [(r["impl"], r["mode"], r["K"], r["part"], f"{float(r['median_ms']):.1f}", r["gflops"], r["over_separate"],
-             r["peak_mib"]) for r in rows]
+    """The step times; runs with ``--compile``/``--amp`` (a ``runtime`` column) also show runtime, precision, the
+    first compiled call and time / FLOPs."""
+    if rows and "runtime" in rows[0]:
+        body = [(r["impl"], r["mode"], r["K"], r["part"], r["runtime"], r["precision"], f"{float(r['median_ms']):.1f}",
+                 r["compile_s"], r["gflops"], r["over_separate"], r["time_over_flops"], r["peak_mib"]) for r in rows]
+        table = markdown_table(("impl", "mode", "K", "part", "runtime", "precision", "median ms", "first call s",
+                                "GFLOPs", "time / sum of separate", "time / FLOPs", "peak MiB"), body, "llllllrrrrrr")
+    else:  # the runs made before the variants
+        body = [(r["impl"], r["mode"], r["K"], r["part"], f"{float(r['median_ms']):.1f}", r["gflops"],
+                 r["over_separate"], r["peak_mib"]) for r in rows]
+        table = markdown_table(("impl", "mode", "K", "part", "median ms", "GFLOPs", "time / sum of separate",
+                                "peak MiB"), body, "lllrrrrr")
     s = meta["settings"]
-    table = markdown_table(("impl", "mode", "K", "part", "median ms", "GFLOPs", "time / sum of separate", "peak MiB"),
-                           body, "lllrrrrr")
     return "\n".join([f"{s['device'].upper()}, {s['backbone']} at {s['img_size']} px, batch {s['batch']}, "
                       f"{s['repeats']} interleaved repeats after {s['warmup']} warm-up, torch threads: {s['threads']}.",
                       "",
@@ -127,16 +135,20 @@ def generate(folder: Path = RESULTS, readme: Path = README) -> str:
 
 
 def other_runs(folder: Path, readme: Path) -> list[str]:
-    """Runs kept in sub-folders of the results (other settings of a benchmark): their run line and targets."""
-    runs = [(sub, load(sub, name)) for sub in sorted(p for p in folder.iterdir() if p.is_dir())
+    """Runs kept in sub-folders of the results, at any depth (other settings of a benchmark; ``gpu/`` and
+    ``gpu/compiled/`` from ``gpu.py``): their run line and targets, and on a GPU their tables and notes too."""
+    runs = [(sub, load(sub, name)) for sub in sorted(p for p in folder.rglob("*") if p.is_dir())
             for name in BENCHMARKS]
-    runs = [(sub, loaded[0]) for sub, loaded in runs if loaded is not None]
+    runs = [(sub, loaded) for sub, loaded in runs if loaded is not None]
     if not runs:
         return []
     parts = ["", "### Other runs"]
-    for sub, meta in runs:
-        parts += ["", f"**{meta['title']}**, `{sub.name}/`: {run_line(meta, sub, readme)}", "",
-                  targets_section([meta])]
+    for sub, (meta, rows) in runs:
+        parts += ["", f"**{meta['title']}**, `{sub.relative_to(folder).as_posix()}/`: {run_line(meta, sub, readme)}",
+                  "", targets_section([meta])]
+        if meta["env"]["device"].startswith("cuda"):
+            parts += ["", SECTIONS[meta["name"]][1](meta, rows)]
+            parts += [""] + [f"- {note}" for note in meta["notes"]] if meta.get("notes") else []
     return parts
 
 

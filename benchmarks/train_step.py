@@ -11,6 +11,13 @@ noise hits all alike), CUDA-synchronised, after warm-up; medians are reported.
   on one batch, then the weight step on another; both parts are timed (synchronised between them).
 - with ViT-Base at 224x224, also the authors' hand-written fusion (``shared/anchors/vit_pair_step.py``), side
   by side in the same interleaved loop (on a CPU its models are built there: the script's ``dev`` is set).
+- ``--compile`` adds every configuration again under ``torch.compile`` (the model; the optimiser step stays
+  eager), ``--amp bf16|fp16`` again under ``torch.autocast`` (fp16 with a GradScaler for the weight steps);
+  both together give four variants (runtime x precision), timed in the same interleaved loop. A compiled
+  configuration's first call, which compiles, is timed apart (``compile_s``). FLOPs are counted once, eager
+  fp32: the arithmetic of a step does not depend on the variant.
+- time / FLOPs: (fused time / sum of the separate times) / (fused FLOPs / sum of the separate FLOPs), per
+  weight step: 1.0 means the fused step costs exactly its extra arithmetic, no overhead beyond it.
 
 Each branch is a timm ViT with a dense linear head on its tokens (``num_classes=40, global_pool=''``),
 as the anchor's stand-in for the DPT decoder; the loss is the sum over tasks of mean(out^2). The fused
@@ -19,6 +26,7 @@ which keeps K = 1, 2, 3 in memory together.
 
     python benchmarks/train_step.py                 # GPU: ViT-Base 224, batch 20; CPU: ViT-Small 64, batch 8
     python benchmarks/train_step.py --quick         # ViT-Tiny 32, batch 4, K = 1, 2
+    python benchmarks/train_step.py --quick --compile --amp bf16   # + compiled (backend aot_eager), + bf16
     # ViT-Base with the reference beside it on a CPU (K = 1 and 2 together did not fit in 24 GiB):
     python benchmarks/train_step.py --backbone vit_base_patch16_224 --img-size 224 --batch 1 --k 1 \
         --warmup 1 --repeats 5 --threads 1 --out benchmarks/results/vit_base_cpu
@@ -26,8 +34,10 @@ which keeps K = 1, 2, 3 in memory together.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
+import itertools
 import re
 import sys
 import time
@@ -46,7 +56,8 @@ import auxwrap
 from auxwrap.plan import DEFAULT_WINDOW_FORM, PRIMARY, aux_branch, sources_of
 
 COLUMNS = ("device", "backbone", "img_size", "batch", "impl", "mode", "K", "part", "median_ms", "q1_ms", "q3_ms",
-           "repeats", "gflops", "fusion_gflops", "over_separate", "peak_mib")
+           "repeats", "gflops", "fusion_gflops", "over_separate", "peak_mib", "runtime", "precision", "compile_s",
+           "flops_over_separate", "time_over_flops")
 ANCHORS = ("shared/anchors/vit_pair_step.py",)  # relative to the repository's parent, then to /work
 HEAD_CLASSES = 40
 # The fusion layers by module name, for the FLOP split: the leaf conv/linear of each fusion. (FlopCounterMode
@@ -55,6 +66,8 @@ AUXWRAP_FUSIONS = r"\.fusions\.[^.]+\.weight$"   # FusedNet.fusions.<site>.weigh
 REFERENCE_FUSIONS = r"\.to_[pa]\.\d+\.\d+$"     # Fused.to_p.<k>.<block> 1x1 convs
 LR, GATE_TOTAL_STEPS = 1e-4, 10**6  # a long schedule: the L1 weight stays 0 and nothing is cut while timing
 ANCHOR_WINDOW = 3  # the anchor's window(i): up to 3 blocks of the other branch, inside groups of 3 blocks
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TIME_OVER_FLOPS = 1.05  # the issue's bound on (time ratio) / (FLOP ratio): no overhead beyond the arithmetic
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class Setting:
     warmup: int
     repeats: int
     window: int = 3  # attach(window=...): at most this many sources per fusion, in attach()'s default form
+    depth: int | None = None  # ViT blocks (default: the model's own); fewer makes a quicker check of the script
 
 
 GPU = Setting("vit_base_patch16_224", 224, 20, (1, 2, 3), 5, 20)
@@ -73,13 +87,42 @@ CPU = Setting("vit_small_patch16_224", 64, 8, (1, 2, 3), 3, 20)
 QUICK = Setting("vit_tiny_patch16_224", 32, 4, (1, 2), 1, 3)
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How a configuration runs: eager or ``torch.compile``d, fp32 or under ``torch.autocast``."""
+
+    runtime: str = "eager"     # eager | compiled
+    precision: str = "fp32"    # fp32 | bf16 | fp16
+
+    @property
+    def suffix(self) -> str:
+        """'' for eager fp32 (the paper's setting: names and target labels as before), else ' compiled bf16' etc."""
+        return "" if self == BASE else f" {self.runtime} {self.precision}"
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=AMP_DTYPES[self.precision])
+
+
+BASE = Variant()
+
+
+def make_variants(compile: bool, amp: str | None) -> list[Variant]:
+    """Eager fp32 first (it is what the FLOPs are counted and the profile taken on), then the others asked for."""
+    runtimes = ("eager", "compiled") if compile else ("eager",)
+    precisions = ("fp32", amp) if amp else ("fp32",)
+    return [Variant(r, p) for p, r in itertools.product(precisions, runtimes)]
+
+
 # ---------------------------------------------------------------------- configurations
 
 
 def branch(setting: Setting, device: torch.device) -> nn.Module:
     """One task's model: a timm ViT with a linear head on every token (a light dense head)."""
+    depth = {} if setting.depth is None else {"depth": setting.depth}
     model = timm.create_model(setting.backbone, pretrained=False, img_size=setting.img_size,
-                              num_classes=HEAD_CLASSES, global_pool="")
+                              num_classes=HEAD_CLASSES, global_pool="", **depth)
     return model.to(device).train()
 
 
@@ -93,14 +136,36 @@ def _outputs(out: Any) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def weight_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> Callable[[], None]:
-    """Forward, loss, backward, optimizer step: one training step on ``x``."""
+def runner(model: nn.Module, variant: Variant, device: torch.device, backend: str) -> Callable[[torch.Tensor], Any]:
+    """``model``'s forward as ``variant`` runs it: compiled (``torch.compile(model, backend)``: the same
+    parameters) and/or under autocast."""
+    forward = torch.compile(model, backend=backend) if variant.runtime == "compiled" else model
+
+    def run(x: torch.Tensor) -> Any:
+        with variant.autocast(device):
+            return forward(x)
+    return run
+
+
+def grad_scaler(variant: Variant, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16 needs loss scaling (bf16 and fp32 do not): what a user would run."""
+    return torch.amp.GradScaler(device.type) if variant.precision == "fp16" else None
+
+
+def weight_step(forward: Callable[[torch.Tensor], Any], opt: torch.optim.Optimizer, x: torch.Tensor,
+                scaler: torch.amp.GradScaler | None = None) -> Callable[[], None]:
+    """Forward, loss, backward, optimizer step: one training step on ``x`` (scaled where ``scaler`` is given)."""
 
     def step() -> None:
-        loss = task_loss(_outputs(model(x)))
+        loss = task_loss(_outputs(forward(x)))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+            return
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return step
 
 
@@ -116,10 +181,17 @@ class Config:
     model: nn.Module
     fusions: str | None = None    # regex for the module names of the fusion layers, for the FLOP split
     extra: dict[str, Any] = field(default_factory=dict)
+    variant: Variant = BASE
 
     @property
     def name(self) -> str:
-        return f"{self.impl}:{self.mode}" + (f":K{self.k}" if self.mode != "single" else "")
+        return (f"{self.impl}:{self.mode}" + (f":K{self.k}" if self.mode != "single" else "")
+                + ("" if self.variant == BASE else f"@{self.variant.runtime}-{self.variant.precision}"))
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """What the configuration computes, whatever its variant: the key its FLOPs are counted under."""
+        return self.impl, self.mode, self.k
 
     def call(self, timer: common.PartTimer) -> dict[str, float]:
         for part, fn in self.parts.items():
@@ -132,32 +204,50 @@ class Config:
             opt.zero_grad(set_to_none=True)
 
 
-def auxwrap_configs(setting: Setting, device: torch.device, xs: tuple[torch.Tensor, torch.Tensor]) -> list[Config]:
-    """single, then grad K and nas K for every K, all over one set of K_max + 1 branches."""
+def auxwrap_configs(setting: Setting, device: torch.device, xs: tuple[torch.Tensor, torch.Tensor],
+                    variants: Sequence[Variant] = (BASE,), backend: str = "inductor") -> list[Config]:
+    """single, then grad K and nas K for every K, all over one set of K_max + 1 branches; each in every variant
+    (its own optimisers, the same modules)."""
     branches = [branch(setting, device) for _ in range(max(setting.ks) + 1)]
-    xa, xw = xs
-    example = (xw[:2],)
-    single_opt = torch.optim.Adam(branches[0].parameters(), lr=LR)
-    configs = [Config("auxwrap", "single", 0, {"weight-step": weight_step(branches[0], single_opt, xw)},
-                      [single_opt], branches[0])]
-    for k in setting.ks:
-        net = auxwrap.attach(branches[0], branches[1:k + 1], mode="grad", window=setting.window,
-                             example_inputs=example).train()
-        opt = torch.optim.Adam(net.weight_parameters(), lr=LR)
-        configs.append(Config("auxwrap", "grad", k, {"weight-step": weight_step(net, opt, xw)}, [opt], net,
-                              AUXWRAP_FUSIONS, {"connections": len(net.connections())}))
-    for k in setting.ks:
-        net = auxwrap.attach(branches[0], branches[1:k + 1], mode="nas", window=setting.window,
-                             example_inputs=example).train()
-        search = auxwrap.Search(net, total_steps=GATE_TOTAL_STEPS)
-        opt = torch.optim.Adam(net.weight_parameters(), lr=LR)
-
-        def gate_step(net: nn.Module = net, search: auxwrap.Search = search) -> None:
-            search.step(task_loss(_outputs(net(xa))))
-
-        configs.append(Config("auxwrap", "nas", k, {"gate-step": gate_step, "weight-step": weight_step(net, opt, xw)},
-                              [opt, search.optimizer], net, AUXWRAP_FUSIONS, {"connections": len(net.connections())}))
+    example = (xs[1][:2],)
+    nets = [("grad", k, auxwrap.attach(branches[0], branches[1:k + 1], mode="grad", window=setting.window,
+                                       example_inputs=example).train()) for k in setting.ks]
+    nets += [("nas", k, auxwrap.attach(branches[0], branches[1:k + 1], mode="nas", window=setting.window,
+                                       example_inputs=example).train()) for k in setting.ks]
+    configs = []
+    for variant in variants:
+        configs.append(single_config("auxwrap", branches[0], runner(branches[0], variant, device, backend), xs[1],
+                                     variant, device))
+        configs += [fused_config(mode, k, net, runner(net, variant, device, backend), xs, variant, device)
+                    for mode, k, net in nets]
     return configs
+
+
+def single_config(impl: str, model: nn.Module, forward: Callable, x: torch.Tensor, variant: Variant,
+                  device: torch.device) -> Config:
+    """One branch alone: its weight step."""
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    return Config(impl, "single", 0, {"weight-step": weight_step(forward, opt, x, grad_scaler(variant, device))},
+                  [opt], model, variant=variant)
+
+
+def fused_config(mode: str, k: int, net: auxwrap.FusedNet, forward: Callable, xs: tuple[torch.Tensor, torch.Tensor],
+                 variant: Variant, device: torch.device) -> Config:
+    """An auxwrap fused network: a weight step (grad), or a gate step (``Search.step``) then a weight step (nas)."""
+    xa, xw = xs
+    opt = torch.optim.Adam(net.weight_parameters(), lr=LR)
+    parts = {"weight-step": weight_step(forward, opt, xw, grad_scaler(variant, device))}
+    optimizers = [opt]
+    if mode == "nas":
+        search = auxwrap.Search(net, total_steps=GATE_TOTAL_STEPS)
+
+        def gate_step() -> None:
+            search.step(task_loss(_outputs(forward(xa))))
+
+        parts = {"gate-step": gate_step, **parts}
+        optimizers.append(search.optimizer)
+    return Config("auxwrap", mode, k, parts, optimizers, net, AUXWRAP_FUSIONS, {"connections": len(net.connections())},
+                  variant)
 
 
 def window_note(net: auxwrap.FusedNet, connections: str) -> str:
@@ -201,28 +291,45 @@ def load_anchor(path: Path, device: torch.device) -> Any:
     return module
 
 
-def reference_configs(anchor: Any, setting: Setting, xs: tuple[torch.Tensor, torch.Tensor]) -> list[Config]:
-    """The anchor's Single and Fused(k) models with its two Adam optimisers, on our inputs and loss.
+def reference_configs(anchor: Any, setting: Setting, xs: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                      variants: Sequence[Variant] = (BASE,), backend: str = "inductor") -> list[Config]:
+    """The anchor's Single and Fused(k) models with its two Adam optimisers, on our inputs and loss, in every
+    variant (compiled and autocast from outside: its code is unchanged).
 
     Its iteration is as in its ``run()``: a gate step that backpropagates the whole loss (weights
     included) and steps Adam on the sigmoid gates, then a weight step.
     """
     xa, xw = xs
-    single = anchor.Single()
-    opt = torch.optim.Adam(single.parameters(), lr=LR)
-    configs = [Config("reference", "single", 0, {"weight-step": weight_step(single, opt, xw)}, [opt], single)]
-    for k in setting.ks:
-        fused = anchor.Fused(k)
-        arch = [fused.alpha_p, fused.alpha_a]
-        weights = [p for n, p in fused.named_parameters() if not n.startswith("alpha")]
-        w_opt, a_opt = torch.optim.Adam(weights, lr=LR), torch.optim.Adam(arch, lr=1e-2)
-        configs.append(Config("reference", "nas", k, {"gate-step": weight_step(fused, a_opt, xa),
-                                                      "weight-step": weight_step(fused, w_opt, xw)},
-                              [w_opt, a_opt], fused, REFERENCE_FUSIONS))
+    single, fused = anchor.Single(), {k: anchor.Fused(k) for k in setting.ks}
+    configs = []
+    for variant in variants:
+        configs.append(single_config("reference", single, runner(single, variant, device, backend), xw, variant,
+                                     device))
+        for k, model in fused.items():
+            arch = [model.alpha_p, model.alpha_a]
+            weights = [p for n, p in model.named_parameters() if not n.startswith("alpha")]
+            w_opt, a_opt = torch.optim.Adam(weights, lr=LR), torch.optim.Adam(arch, lr=1e-2)
+            forward = runner(model, variant, device, backend)
+            parts = {"gate-step": weight_step(forward, a_opt, xa, grad_scaler(variant, device)),
+                     "weight-step": weight_step(forward, w_opt, xw, grad_scaler(variant, device))}
+            configs.append(Config("reference", "nas", k, parts, [w_opt, a_opt], model, REFERENCE_FUSIONS,
+                                  variant=variant))
     return configs
 
 
 # ---------------------------------------------------------------------- measuring
+
+
+def first_calls(configs: list[Config], device: torch.device) -> dict[str, float]:
+    """Seconds of the first call of each compiled configuration (it compiles: forward, backward and, for nas, the
+    gate step's graph), before any timing; the steady-state steps are timed after warm-up."""
+    seconds = {}
+    for c in configs:
+        if c.variant.runtime == "compiled":
+            seconds[c.name], _ = common.time_once(lambda c=c: c.call(common.PartTimer(device)), device)
+            c.free()
+            print(f"{c.name}: first call {seconds[c.name]:.1f} s", flush=True)
+    return seconds
 
 
 def step_flops(config: Config) -> dict[str, tuple[int, int]]:
@@ -275,10 +382,15 @@ def profile_ops(fn: Callable[[], None], device: torch.device, top: int = 12) -> 
 # ---------------------------------------------------------------------- report
 
 
-def rows_of(configs: list[Config], timings: dict[str, common.Timing], flops: dict[str, dict],
-            peaks: dict[str, float | None], setting: Setting, device: torch.device) -> list[dict]:
-    rows = []
-    singles = {c.impl: timings[c.name].part("weight-step").median for c in configs if c.mode == "single"}
+def rows_of(configs: list[Config], timings: dict[str, common.Timing], flops: dict[tuple, dict],
+            peaks: dict[str, float | None], setting: Setting, device: torch.device,
+            compile_s: dict[str, float] | None = None) -> list[dict]:
+    """One row per configuration and part (and the iteration of a two-part call). ``flops`` is keyed by
+    :attr:`Config.key`; the separate steps a fused row is compared with are the single rows of its impl and
+    variant."""
+    rows, compile_s = [], compile_s or {}
+    singles = {(c.impl, c.variant): timings[c.name].part("weight-step").median for c in configs if c.mode == "single"}
+    single_flops = {c.impl: flops[c.key]["weight-step"][0] for c in configs if c.mode == "single"}
     for c in configs:
         timing = timings[c.name]
         parts = [(p, timing.part(p)) for p in c.parts]
@@ -286,84 +398,125 @@ def rows_of(configs: list[Config], timings: dict[str, common.Timing], flops: dic
             parts.append(("iteration", timing))
         for part, t in parts:
             q1, q3 = t.quartiles()
-            gf = flops[c.name]
+            gf = flops[c.key]
             total = sum(v[0] for v in gf.values()) if part == "iteration" else gf[part][0]
             fusion = sum(v[1] for v in gf.values()) if part == "iteration" else gf[part][1]
-            separate = (c.k + 1) * singles[c.impl]
+            over = t.median / ((c.k + 1) * singles[c.impl, c.variant])
+            flop_ratio = total / ((c.k + 1) * single_flops[c.impl]) if part == "weight-step" else None
             rows.append({
                 "device": device.type, "backbone": setting.backbone, "img_size": setting.img_size,
                 "batch": setting.batch, "impl": c.impl, "mode": c.mode, "K": c.k, "part": part,
                 "median_ms": common.ms(t.median), "q1_ms": common.ms(q1), "q3_ms": common.ms(q3),
                 "repeats": len(t.seconds), "gflops": round(total / 1e9, 3), "fusion_gflops": round(fusion / 1e9, 3),
-                "over_separate": "" if part == "gate-step" else round(t.median / separate, 3),
+                "over_separate": "" if part == "gate-step" else round(over, 3),
                 "peak_mib": "" if peaks.get(c.name) is None else peaks[c.name],
+                "runtime": c.variant.runtime, "precision": c.variant.precision,
+                "compile_s": round(compile_s[c.name], 1) if c.name in compile_s and part == "weight-step" else "",
+                "flops_over_separate": "" if flop_ratio is None else round(flop_ratio, 3),
+                "time_over_flops": "" if flop_ratio is None else round(over / flop_ratio, 3),
             })
     return rows
 
 
-def _row(rows: list[dict], impl: str, mode: str, k: int, part: str) -> dict | None:
-    return next((r for r in rows if (r["impl"], r["mode"], r["K"], r["part"]) == (impl, mode, k, part)), None)
+def _row(rows: list[dict], impl: str, mode: str, k: int, part: str, variant: Variant = BASE) -> dict | None:
+    key = (impl, mode, k, part, variant.runtime, variant.precision)
+    return next((r for r in rows if (r["impl"], r["mode"], r["K"], r["part"], r.get("runtime", "eager"),
+                                     r.get("precision", "fp32")) == key), None)
+
+
+def variants_of(rows: list[dict]) -> list[Variant]:
+    """The variants ``rows`` hold, in their order."""
+    return list(dict.fromkeys(Variant(r.get("runtime", "eager"), r.get("precision", "fp32")) for r in rows))
+
+
+def time_over_flops_target(rows: list[dict], variant: Variant, dev: str, where: str) -> common.Target:
+    """The largest (time ratio) / (FLOP ratio) over the fused weight steps (grad and nas, every K) of
+    ``variant``: at most 1.05 means no overhead beyond the fusion layers' arithmetic."""
+    fused = [r for r in rows if r["impl"] == "auxwrap" and r["mode"] in ("grad", "nas") and r["part"] == "weight-step"
+             and Variant(r["runtime"], r["precision"]) == variant]
+    worst = max(fused, key=lambda r: r["time_over_flops"])
+    return common.check(f"(time / sum of separate) / (FLOPs / sum of separate), every fused weight step"
+                        f"{variant.suffix} ({dev})", worst["time_over_flops"], TIME_OVER_FLOPS,
+                        note=f"largest: {worst['mode']} K={worst['K']}; {where}")
 
 
 def targets(rows: list[dict], setting: Setting, device: torch.device) -> list[common.Target]:
-    """The issue's targets. Those stated for the GPU are one 'not measured' row each on a CPU, followed by
-    the same ratios measured on this CPU (met/missed against the same threshold)."""
+    """The issue's targets, for every variant the rows hold (eager fp32 first, labelled as before; the others
+    with their runtime and precision in the label). Those stated for the GPU are one 'not measured' row each
+    on a CPU, followed by the same ratios measured on this CPU (met/missed against the same threshold)."""
     gpu = device.type == "cuda"
     where = f"{device.type.upper()}, {setting.backbone} {setting.img_size}px batch {setting.batch}"
     if setting.window != 3:
         where += f", window {setting.window}"
+    if setting.depth is not None:
+        where += f", depth {setting.depth}"
     out = []
     if not gpu:
         out += [common.check("fused weight step / sum of separate steps, grad and nas, every K (GPU)", None, 1.10,
                              note="reference 1.29 on an H100; the CPU values follow"),
                 common.check("search iteration / the reference's iteration, same GPU", None, 0.65,
                              note="the CPU values follow where the reference ran")]
+    for variant in variants_of(rows):
+        out += variant_targets(rows, setting, device, variant, where)
+    if not gpu and 1 in setting.ks and 2 in setting.ks:
+        out.append(common.check("search iteration(K=2) / iteration(K=1) (GPU)", None, 1.5))
+    return out
+
+
+def variant_targets(rows: list[dict], setting: Setting, device: torch.device, variant: Variant,
+                    where: str) -> list[common.Target]:
+    """The measured targets of one variant; with eager fp32 (the only variant before ``--compile``/``--amp``)
+    the labels and order are those of the earlier runs, plus the time / FLOPs row."""
+    gpu, dev, v = device.type == "cuda", device.type.upper(), variant.suffix
+    out = []
     for mode in ("grad", "nas"):
         for k in setting.ks:
-            r = _row(rows, "auxwrap", mode, k, "weight-step")
-            out.append(common.check(f"fused weight step / sum of separate steps, {mode}, K={k} ({device.type.upper()})",
+            r = _row(rows, "auxwrap", mode, k, "weight-step", variant)
+            out.append(common.check(f"fused weight step / sum of separate steps, {mode}, K={k}{v} ({dev})",
                                     r["over_separate"], 1.10, note=where))
+    out.append(time_over_flops_target(rows, variant, dev, where))
     for k in setting.ks:
-        ours, ref = _row(rows, "auxwrap", "nas", k, "iteration"), _row(rows, "reference", "nas", k, "iteration")
+        ours = _row(rows, "auxwrap", "nas", k, "iteration", variant)
+        ref = _row(rows, "reference", "nas", k, "iteration", variant)
         if gpu or ref:
-            out.append(common.check(f"search iteration / the reference's iteration, K={k} (same {device.type.upper()})",
+            out.append(common.check(f"search iteration / the reference's iteration, K={k}{v} (same {dev})",
                                     ours["median_ms"] / ref["median_ms"] if ref else None, 0.65, note=where,
                                     missing="not measured: the reference was not run (see notes)"))
     if 1 in setting.ks and 2 in setting.ks:
         for mode, part, label in (("nas", "iteration", "search iteration"), ("grad", "weight-step", "Aux-G step")):
-            one, two = _row(rows, "auxwrap", mode, 1, part), _row(rows, "auxwrap", mode, 2, part)
+            one, two = (_row(rows, "auxwrap", mode, k, part, variant) for k in (1, 2))
             note = f"{where}; reference 1.60 (H100), paper 1.65"
-            ref1, ref2 = (_row(rows, "reference", "nas", k, "iteration") for k in (1, 2))
+            ref1, ref2 = (_row(rows, "reference", "nas", k, "iteration", variant) for k in (1, 2))
             if mode == "nas" and ref1 and ref2:
                 note += f"; the reference here: {ref2['median_ms'] / ref1['median_ms']:.3f}"
-            out.append(common.check(f"{label}(K=2) / {label}(K=1) ({device.type.upper()})",
+            out.append(common.check(f"{label}(K=2) / {label}(K=1){v} ({dev})",
                                     two["median_ms"] / one["median_ms"], 1.5, note=note))
-        if not gpu:
-            out.append(common.check("search iteration(K=2) / iteration(K=1) (GPU)", None, 1.5))
     return out
 
 
 def timing_table(rows: list[dict]) -> str:
-    body = [(r["impl"], r["mode"], r["K"], r["part"], f"{r['median_ms']:.1f}", f"{r['q1_ms']:.1f}-{r['q3_ms']:.1f}",
-             r["gflops"], f"{100 * r['fusion_gflops'] / r['gflops']:.1f}" if r["gflops"] else "",
-             r["over_separate"], r["peak_mib"]) for r in rows]
-    return common.markdown_table(("impl", "mode", "K", "part", "median ms", "IQR ms", "GFLOPs", "fusion % of FLOPs",
-                                  "time / sum of separate", "peak MiB"), body, "lllrrrrrrr")
+    body = [(r["impl"], r["mode"], r["K"], r["part"], r["runtime"], r["precision"], f"{r['median_ms']:.1f}",
+             f"{r['q1_ms']:.1f}-{r['q3_ms']:.1f}", r["compile_s"], r["gflops"],
+             f"{100 * r['fusion_gflops'] / r['gflops']:.1f}" if r["gflops"] else "", r["over_separate"],
+             r["time_over_flops"], r["peak_mib"]) for r in rows]
+    return common.markdown_table(("impl", "mode", "K", "part", "runtime", "precision", "median ms", "IQR ms",
+                                  "first call s", "GFLOPs", "fusion % of FLOPs", "time / sum of separate",
+                                  "time / FLOPs (vs separate)", "peak MiB"), body, "llllllrrrrrrrr")
 
 
 def why_table(rows: list[dict], setting: Setting) -> str:
     """Time ratio against FLOP ratio: where the time ratio follows the FLOP ratio, the extra time is the
     fusion layers' arithmetic, not overhead."""
-    single = _row(rows, "auxwrap", "single", 0, "weight-step")
     body = []
     for mode in ("grad", "nas"):
         for k in setting.ks:
             r = _row(rows, "auxwrap", mode, k, "weight-step")
-            flop_ratio = r["gflops"] / ((k + 1) * single["gflops"])
-            body.append((mode, k, f"{r['over_separate']:.3f}", f"{flop_ratio:.3f}",
+            body.append((mode, k, f"{r['over_separate']:.3f}", f"{r['flops_over_separate']:.3f}",
+                         f"{r['time_over_flops']:.3f}",
                          f"{100 * r['fusion_gflops'] / r['gflops']:.1f}"))
     return common.markdown_table(("mode", "K", "time / sum of separate", "FLOPs / sum of separate",
-                                  "fusion layers' share of the step's FLOPs (%)"), body, "lrrrr")
+                                  f"time ratio / FLOP ratio (target <= {TIME_OVER_FLOPS})",
+                                  "fusion layers' share of the step's FLOPs (%)"), body, "lrrrrr")
 
 
 def explanation(rows: list[dict], setting: Setting, fused_ops: list[tuple[str, float]],
@@ -442,11 +595,17 @@ def profile_table(fused: list[tuple[str, float]], single: list[tuple[str, float]
 
 def ratio_lines(rows: list[dict], setting: Setting) -> list[str]:
     lines = []
-    for impl in ("auxwrap", "reference"):
-        one, two = _row(rows, impl, "nas", 1, "iteration"), _row(rows, impl, "nas", 2, "iteration")
-        if one and two:
-            lines.append(f"{impl}: iteration(K=2) / iteration(K=1) = {two['median_ms'] / one['median_ms']:.3f} "
-                         f"(FLOPs: {two['gflops'] / one['gflops']:.3f})")
+    for variant in variants_of(rows):
+        for impl in ("auxwrap", "reference"):
+            one, two = (_row(rows, impl, "nas", k, "iteration", variant) for k in (1, 2))
+            if one and two:
+                lines.append(f"{impl}{variant.suffix}: iteration(K=2) / iteration(K=1) = "
+                             f"{two['median_ms'] / one['median_ms']:.3f} (FLOPs: {two['gflops'] / one['gflops']:.3f})")
+        for k in setting.ks:
+            ours, ref = (_row(rows, impl, "nas", k, "iteration", variant) for impl in ("auxwrap", "reference"))
+            if ours and ref and ours["peak_mib"] != "" and ref["peak_mib"] != "":
+                lines.append(f"peak memory{variant.suffix}, nas K={k}: ours {ours['peak_mib']} MiB / the reference's "
+                             f"{ref['peak_mib']} MiB = {ours['peak_mib'] / ref['peak_mib']:.3f}")
     return lines
 
 
@@ -462,13 +621,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
                    help="attach(window=...): at most this many sources per fusion, in attach()'s default "
                         f"window_form ({DEFAULT_WINDOW_FORM!r}) (default 3)")
     p.add_argument("--no-reference", action="store_true", help="do not time the anchor script (ViT-Base 224 only)")
+    p.add_argument("--depth", type=int, help="ViT blocks per branch (default: the model's own; fewer: a quicker check)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every configuration under torch.compile (first call, which compiles, apart)")
+    p.add_argument("--amp", choices=sorted(AMP_DTYPES),
+                   help="also time every configuration under torch.autocast with this dtype (fp16: with a GradScaler)")
+    p.add_argument("--backend", default=None,
+                   help="torch.compile backend (default inductor; aot_eager with --quick: no code generation)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     device, folder = common.setup(args)
     base = QUICK if args.quick else GPU if device.type == "cuda" else CPU
     setting = Setting(args.backbone or base.backbone, args.img_size or base.img_size, args.batch or base.batch,
                       tuple(args.k or base.ks), args.warmup if args.warmup is not None else base.warmup,
-                      args.repeats or base.repeats, args.window)
+                      args.repeats or base.repeats, args.window, args.depth)
+    backend = args.backend or ("aot_eager" if args.quick else "inductor")
+    runs = make_variants(args.compile, args.amp)
     env = common.environment(device)
     flushed = common.flush_denormals(device)
     if device.type == "cuda":  # fp32 throughout, as the paper and the anchor (which also sets these at import)
@@ -478,13 +646,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     gen = torch.Generator().manual_seed(0)
     xs = tuple(torch.randn(setting.batch, 3, setting.img_size, setting.img_size, generator=gen).to(device)
                for _ in range(2))
-    configs = auxwrap_configs(setting, device, xs)
+    configs = auxwrap_configs(setting, device, xs, runs, backend)
     notes = []
     anchor_path = find_anchor()
-    use_reference = not args.no_reference and setting.backbone == "vit_base_patch16_224" and setting.img_size == 224
+    use_reference = (not args.no_reference and setting.backbone == "vit_base_patch16_224" and setting.img_size == 224
+                     and setting.depth in (None, 12))
     if use_reference and anchor_path is not None:
         anchor = load_anchor(anchor_path, device)
-        configs += reference_configs(anchor, setting, xs)
+        configs += reference_configs(anchor, setting, xs, device, runs, backend)
         notes.append(f"reference: {anchor_path} (its Fused/Single models and two Adam optimisers; our inputs and "
                      f"loss; built on {device}), timed in the same interleaved loop")
     else:
@@ -493,18 +662,19 @@ def main(argv: Sequence[str] | None = None) -> Path:
                      + ("; --no-reference given" if args.no_reference else ""))
     print(f"{len(configs)} configurations on {device}; timing {setting}", flush=True)
 
+    compile_s = first_calls(configs, device)
     timer = common.PartTimer(device)
     by_name = {c.name: c for c in configs}
     timings = common.interleaved({c.name: (lambda c=c: c.call(timer)) for c in configs}, device,
                                  warmup=setting.warmup, repeats=setting.repeats, after=lambda n: by_name[n].free())
-    flops = {c.name: step_flops(c) for c in configs}
+    flops = {c.key: step_flops(c) for c in configs if c.variant == BASE}
     peaks = {c.name: peak_mib(c, device) for c in configs}
     k_prof = min(setting.ks)
     fused = next(c for c in configs if (c.impl, c.mode, c.k) == ("auxwrap", "nas", k_prof))
     single = configs[0]
     fused_ops = profile_ops(fused.parts["weight-step"], device)
     single_ops = profile_ops(single.parts["weight-step"], device, top=200)
-    rows = rows_of(configs, timings, flops, peaks, setting, device)
+    rows = rows_of(configs, timings, flops, peaks, setting, device, compile_s)
     common.write_csv(folder / "train_step.csv", COLUMNS, rows)
 
     connections = ", ".join(f"{c.mode} K={c.k}: {c.extra['connections']}" for c in configs if "connections" in c.extra)
@@ -522,13 +692,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "gate step + weight step) it is given for reference only.",
         "peak MiB (CUDA only): parameters + Adam moments of the configuration + the peak one call allocates above "
         "what was allocated before it, i.e. what it would need alone.",
+        f"time / FLOPs = (time / sum of separate) / (FLOPs / sum of separate), per weight step, against the single "
+        f"step of the same runtime and precision; target <= {TIME_OVER_FLOPS}: no overhead beyond the arithmetic.",
     ]
+    if runs != [BASE]:
+        notes.append(f"variants: {', '.join(f'{v.runtime} {v.precision}' for v in runs)}. Compiled: torch.compile("
+                     f"model, backend={backend!r}), default mode, the optimiser step eager; 'first call s' is the "
+                     "first compiled call (compilation included), before warm-up. Autocast: torch.autocast on the "
+                     "forward pass, loss in fp32" + (", fp16 weight steps with a GradScaler" if args.amp == "fp16"
+                                                      else "") + ". FLOPs are counted eager fp32.")
     record = common.Record("train_step", "Training step: fused network vs separate single-task steps",
                            common.finish_environment(env, started),
                            {"device": device.type, "backbone": setting.backbone, "img_size": setting.img_size,
                             "batch": setting.batch, "K": list(setting.ks), "warmup": setting.warmup,
                             "repeats": setting.repeats, "window": setting.window, "threads": torch.get_num_threads(),
-                            "flush_denormal": flushed},
+                            "flush_denormal": flushed, **({} if setting.depth is None else {"depth": setting.depth}),
+                            **({"variants": [f"{v.runtime} {v.precision}" for v in runs], "backend": backend}
+                               if runs != [BASE] else {})},
                            targets(rows, setting, device), notes)
     body = "\n".join([
         "## Step times (medians of interleaved repeats)", "", timing_table(rows), "",

@@ -27,9 +27,11 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")  # the target of a Markdown link
 
 FLOPS_COLUMNS = ["backbone", "K", "model", "flops", "macs", "params"]
 FLOPS_MODELS = {"single", "aux-g-deployed", "aux-nas-deployed", "fused-train-fwd", "fused-train-fwdbwd",
-                "soft-sharing", "aux-head", "aux-module-train-fwd", "aux-module-train-fwdbwd", "aux-module-deployed"}
+                "soft-sharing", "aux-head", "aux-module-train-fwd", "aux-module-train-fwdbwd", "aux-module-deployed",
+                "fused-train-fwd-rank", "fused-train-fwdbwd-rank"}
 TRAIN_COLUMNS = ["device", "backbone", "img_size", "batch", "impl", "mode", "K", "part", "median_ms", "q1_ms", "q3_ms",
-                 "repeats", "gflops", "fusion_gflops", "over_separate", "peak_mib"]
+                 "repeats", "gflops", "fusion_gflops", "over_separate", "peak_mib", "runtime", "precision", "compile_s",
+                 "flops_over_separate", "time_over_flops"]
 LATENCY_COLUMNS = ["device", "backbone", "img_size", "batch", "model", "runtime", "median_ms", "q1_ms", "q3_ms",
                    "repeats", "over_original", "compile_s", "max_rel_error"]
 
@@ -103,8 +105,70 @@ def test_train_step_quick_writes_every_configuration(quick_results: Path) -> Non
         assert {("grad", k, "weight-step"), ("nas", k, "gate-step"), ("nas", k, "weight-step"),
                 ("nas", k, "iteration")} <= seen
     assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert {(r["runtime"], r["precision"]) for r in rows} == {("eager", "fp32")}  # no --compile, no --amp
     meta = json.loads((quick_results / "train_step.json").read_text())
     assert any(t["status"] == "not measured" and "GPU" in t["name"] for t in meta["targets"])
+
+
+@pytest.mark.slow
+def test_gpu_script_quick_runs_every_part_and_writes_the_compiled_and_bf16_rows(tmp_path: Path) -> None:
+    """``benchmarks/gpu.py --quick`` on the CPU: the GPU run's sequence, tiny, ready for a GPU. Every part done;
+    eager and compiled, fp32 and bf16 rows with a first-call time and time / FLOPs; a preview page from them."""
+    out = tmp_path / "gpu"
+    command = [sys.executable, str(BENCHMARKS / "gpu.py"), "--quick", "--out", str(out), "--device", "cpu",
+               "--threads", "1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads((out / "gpu.json").read_text())
+    assert [(p["name"], p["status"]) for p in record["parts"]] == [
+        ("train_step", "done"), ("deploy_latency", "done"), ("train_step_compiled", "done"), ("readme", "done")]
+    assert all(0 < p["elapsed_s"] <= p["budget_s"] for p in record["parts"])
+    _, eager = read(out / "train_step.csv")
+    assert {(r["runtime"], r["precision"]) for r in eager} == {("eager", "fp32"), ("eager", "bf16")}
+    columns, rows = read(out / "compiled" / "train_step.csv")
+    assert columns == TRAIN_COLUMNS
+    assert {(r["runtime"], r["precision"]) for r in rows} == {(rt, p) for rt in ("eager", "compiled")
+                                                            for p in ("fp32", "bf16")}
+    for r in rows:
+        first_call = r["runtime"] == "compiled" and r["part"] == "weight-step"
+        assert (r["compile_s"] != "") == first_call and (not first_call or float(r["compile_s"]) > 0), r
+        assert (r["time_over_flops"] != "") == (r["part"] == "weight-step"), r
+    meta = json.loads((out / "compiled" / "train_step.json").read_text())
+    assert sum("FLOPs / sum of separate" in t["name"] for t in meta["targets"]) == 4  # one per variant
+    _written(out, "deploy_latency")
+    page = (out / "README.md").read_text()
+    assert "### Training step" in page and "`compiled/`" in page and "### Deployed latency" in page
+    assert not broken_links(out / "README.md"), broken_links(out / "README.md")
+
+
+def test_time_over_flops_compares_each_variant_with_its_own_single_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(fused time / (K+1) single times) / (fused FLOPs / (K+1) single FLOPs), the single step of the same runtime
+    and precision; the target (<= 1.05) reads the largest over the fused weight steps of each variant."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import common
+    import torch
+    import train_step as ts
+
+    compiled = ts.Variant("compiled", "fp32")
+    setting = ts.Setting("vit", 32, 4, (1,), 0, 1)
+
+    def config(mode: str, k: int, variant: ts.Variant) -> ts.Config:
+        return ts.Config("auxwrap", mode, k, {"weight-step": None}, [], None, variant=variant)
+
+    ms = {("single", ts.BASE): 10, ("single", compiled): 5, ("grad", ts.BASE): 22, ("grad", compiled): 12}
+    configs = [config(mode, 0 if mode == "single" else 1, v) for mode, v in ms]
+    timings = {c.name: common.Timing([ms[c.mode, c.variant] / 1e3], {"weight-step": [ms[c.mode, c.variant] / 1e3]})
+               for c in configs}
+    flops = {("auxwrap", "single", 0): {"weight-step": (100, 0)}, ("auxwrap", "grad", 1): {"weight-step": (210, 10)}}
+    rows = ts.rows_of(configs, timings, flops, {}, setting, torch.device("cpu"), {configs[3].name: 7.0})
+    grad = {r["runtime"]: r for r in rows if r["mode"] == "grad"}
+    assert grad["eager"]["flops_over_separate"] == 1.05 and grad["eager"]["over_separate"] == 1.1
+    assert grad["eager"]["time_over_flops"] == round(1.1 / 1.05, 3)  # against the eager single step
+    assert grad["compiled"]["time_over_flops"] == round(1.2 / 1.05, 3)  # against the compiled one (5 ms), not 10
+    assert (grad["eager"]["compile_s"], grad["compiled"]["compile_s"]) == ("", 7.0)
+    targets = [ts.time_over_flops_target(rows, v, "CPU", "here") for v in ts.variants_of(rows)]
+    assert [(t.measured, t.status) for t in targets] == [("1.048", "met"), ("1.143", "missed")]
+    assert targets[1].name.endswith("every fused weight step compiled fp32 (CPU)")
 
 
 @pytest.mark.slow
