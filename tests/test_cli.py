@@ -136,7 +136,7 @@ def attach_calls(monkeypatch):
 
     calls = []
 
-    def fake_attach(primary, aux, mode, *, taps, example_inputs):
+    def fake_attach(primary, aux, mode, *, taps, example_inputs, fusion_rank=None):
         calls.append(taps)
         raise AuxwrapError("stopped by the test")
 
