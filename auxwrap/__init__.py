@@ -40,6 +40,7 @@ _EXPORTS = {
     "SearchSummary": "search",
     "Tap": "taps",
     "Traced": "trace",
+    "AuxwrapCaptureWarning": "trace",
     "Unit": "taps",
     "attach": "attach",
     "count_flops": "flops",
@@ -72,6 +73,7 @@ __all__ = [
     "AuxwrapPruneWarning",
     "AuxwrapTapError",
     "AuxwrapTraceError",
+    "AuxwrapCaptureWarning",
     "Balancer",
     "Connection",
     "FoldReport",
@@ -151,4 +153,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, imported e
     from .plot import plot_gates
     from .search import GateHistory, HalfSampler, Search, SearchSummary, cut_error, search_loaders
     from .taps import Tap, Unit, find_taps
-    from .trace import Traced, trace
+    from .trace import AuxwrapCaptureWarning, Traced, trace

@@ -7,6 +7,7 @@ build one graph per mode -> wrap in :class:`FusedNet`. Nothing of the user's mod
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -35,7 +36,7 @@ from .plan import (
     plan,
 )
 from .taps import Tap, find_taps
-from .trace import Traced, kept_as_found, trace
+from .trace import AUTO, EXPORT, Traced, check_capture, kept_as_found, trace
 
 TapSpec = str | Sequence[str]
 
@@ -56,6 +57,7 @@ def attach(
     alpha_init: float | tuple[float, float] = DEFAULT_ALPHA_INIT,
     gate: str = DEFAULT_GATE,
     fusion_rank: int | float | None = None,
+    capture: str = AUTO,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -88,9 +90,15 @@ def attach(
             destination's channels C, rounded up: 0.25 is C/4; ``1`` is rank 1, ``1.0`` is C). A fusion where
             rank r would cost at least its full W keeps the full W, so no fusion costs more than at full rank.
             B is zero-initialised: step 0 still computes exactly the original branches.
-        leaf_modules: passed to :func:`auxwrap.trace` for every branch (modules kept as one opaque call).
-        autowrap_functions: passed to :func:`auxwrap.trace` for every branch (functions kept as one call).
-        concrete_args: passed to :func:`auxwrap.trace` for every branch (forward() arguments fixed to a value).
+        capture: how each model becomes a graph (:func:`auxwrap.trace`): ``"auto"`` (torch.fx, and non-strict
+            torch.export for a model torch.fx cannot trace, with an :class:`auxwrap.AuxwrapCaptureWarning` naming
+            it), ``"fx"`` or ``"export"``. Decided per model; ``net.captures`` says what each branch got. An
+            exported branch takes inputs of the example inputs' size only (any batch size).
+        leaf_modules: passed to :func:`auxwrap.trace` for every branch (modules kept as one opaque call); torch.fx only.
+        autowrap_functions: passed to :func:`auxwrap.trace` for every branch (functions kept as one call);
+            torch.fx only.
+        concrete_args: passed to :func:`auxwrap.trace` for every branch (forward() arguments fixed to a value);
+            torch.fx only.
 
     Returns:
         A :class:`FusedNet`; ``net(x)`` returns ``AuxOutput(primary=..., aux=(...))``.
@@ -106,6 +114,7 @@ def attach(
     gate_init = None if mode == "grad" else gate_init  # Aux-G's gates are fixed at 1
     gate = check_gate(gate)
     fusion_rank = check_fusion_rank(fusion_rank)
+    capture = check_capture(capture)
     aux_models = _check_models(primary, aux)
     models = {PRIMARY: primary, **{aux_branch(k): m for k, m in enumerate(aux_models)}}
     _check_devices_and_dtypes(models)
@@ -117,8 +126,12 @@ def attach(
 
     readers = {b: m for b, m in models.items() if isinstance(m, AuxModule)}  # Liu et al.'s modules
     with kept_as_found(*models.values()):  # the user's forwards run below; what they store is undone
-        by_mode = {training: {b: trace(m, training=training, **trace_options) for b, m in models.items()
-                              if b not in readers} for training in (False, True)}
+        with warnings.catch_warnings(record=True) as caught:  # told below, at the line that called attach()
+            warnings.simplefilter("always")
+            by_mode = _traced_branches({b: m for b, m in models.items() if b not in readers}, capture, inputs,
+                                       trace_options)
+        for warning in caught:
+            warnings.warn(warning.message, stacklevel=2)
         points = _find_points(by_mode[False], inputs, specs)
         read_points = _reader_points(by_mode[False][PRIMARY], inputs, readers, specs)
         connections = plan(points, mode, window, window_form)
@@ -142,10 +155,26 @@ def attach(
         module.to(device=device, dtype=dtype)
     reads = [Connection(PRIMARY, t.name, b, f"adaptor{i}", direction(b)) for b, taps in read_points.items()
              for i, t in enumerate(taps)]
+    captured = by_mode[False]
     net = FusedNet(primary, aux_models, fusions, graphs, mode, {**points, **read_points}, connections + reads,
-                   fusion_sites, inputs, trace_options, detach=detach_primary)
+                   fusion_sites, inputs, trace_options, detach=detach_primary,
+                   captures={b: t.capture for b, t in captured.items()},
+                   output_specs={b: t.output_spec for b, t in captured.items() if t.output_spec is not None})
     net.window, net.window_form = window, window_form  # the window the connections were planned with
     return net
+
+
+def _traced_branches(models: dict[str, nn.Module], capture: str, inputs: tuple,
+                     fx_options: dict[str, Any]) -> dict[bool, dict[str, Traced]]:
+    """Each branch captured in eval mode (``False``) and train mode (``True``). ``capture="auto"`` is decided on
+    the eval capture, once per model (one message), and the train capture uses what it decided."""
+    def traced(model: nn.Module, training: bool, how: str) -> Traced:
+        # the fx-only options reach trace() (which refuses them with capture="export"), but not a branch "auto" exported
+        options = fx_options if how != EXPORT or capture == EXPORT else {}
+        return trace(model, training=training, capture=how, example_inputs=inputs, **options)
+
+    eval_mode = {b: traced(m, False, capture) for b, m in models.items()}
+    return {False: eval_mode, True: {b: traced(m, True, eval_mode[b].capture) for b, m in models.items()}}
 
 
 def _reader_points(primary: Traced, inputs: tuple, readers: dict[str, AuxModule],

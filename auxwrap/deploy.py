@@ -87,14 +87,20 @@ def detach_primary(net: FusedNet, probe: object = None) -> fx.GraphModule:
 
 
 def fold_primary(net: FusedNet) -> fx.GraphModule:
-    """A copy of the primary, traced in eval mode, BatchNorms folded; links and outputs are not checked."""
-    return fold_module(net.primary, **net.trace_options)
+    """A copy of the primary, captured in eval mode as attach() captured it, BatchNorms folded; links and outputs
+    are not checked."""
+    capture = net.captures.get(PRIMARY, "fx")  # a network pickled before captures existed was traced by fx
+    options = net.trace_options if capture == "fx" else {}
+    return fold_module(net.primary, capture=capture, example_inputs=net.example_inputs, **options)
 
 
-def fold_module(model: nn.Module, **trace_options: Any) -> fx.GraphModule:
-    """A copy of ``model`` traced in eval mode with its BatchNorms folded (the report on ``fold_report``):
-    how a model without auxiliaries, e.g. a single-task baseline, is deployed like a pruned primary."""
-    deployed = trace(copy.deepcopy(model).eval(), training=False, **trace_options).graph_module
+def fold_module(model: nn.Module, *, capture: str = "auto", example_inputs: Any = None,
+                **trace_options: Any) -> fx.GraphModule:
+    """A copy of ``model`` captured in eval mode (:func:`auxwrap.trace`: ``capture``, ``example_inputs`` and the
+    torch.fx options) with its BatchNorms folded (the report on ``fold_report``): how a model without
+    auxiliaries, e.g. a single-task baseline, is deployed like a pruned primary."""
+    deployed = trace(copy.deepcopy(model).eval(), training=False, capture=capture, example_inputs=example_inputs,
+                     **trace_options).graph_module
     deployed.fold_report = fold_batchnorm(deployed)
     return deployed.eval()
 

@@ -12,6 +12,7 @@ lists the number of norm layers beside them.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,8 @@ from torch.utils.flop_counter import (
 )
 
 from . import analysis
-from .trace import Traced, kept_as_found, trace
+from .capture import AUTO
+from .trace import AuxwrapCaptureWarning, Traced, kept_as_found, trace
 
 _aten = torch.ops.aten
 
@@ -103,14 +105,25 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def count_norm_layers(module: nn.Module) -> int:
-    """Norm layers a forward pass runs: norm modules called and functional norms, counted in its fx graph
-    (a :class:`auxwrap.FusedNet` is counted in the program of its current mode)."""
+def count_norm_layers(module: nn.Module, *inputs: object) -> int:
+    """Norm layers a forward pass runs: norm modules called and functional norms (ATen norms in a torch.export
+    capture), counted in its graph (a :class:`auxwrap.FusedNet` is counted in the program of its current mode).
+
+    Any other module is captured first, as :func:`auxwrap.trace` with ``capture="auto"`` does: torch.fx, or
+    torch.export run on ``inputs`` where torch.fx cannot trace it (without ``inputs``, on the inputs inferred
+    from timm's or transformers' config). Which capture counted is not reported: both count the same norms.
+    """
     graph_module = getattr(module, "graph_module", None)
     if not isinstance(graph_module, torch.fx.GraphModule):
-        graph_module = module if isinstance(module, torch.fx.GraphModule) else trace(module).graph_module
+        graph_module = module if isinstance(module, torch.fx.GraphModule) else _captured(module, inputs)
     traced = Traced(model=graph_module, graph_module=graph_module, training=graph_module.training)
     return sum(analysis.is_norm_op(traced, node) for node in graph_module.graph.nodes)
+
+
+def _captured(module: nn.Module, inputs: tuple) -> torch.fx.GraphModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AuxwrapCaptureWarning)  # the fallback to torch.export changes no count
+        return trace(module, capture=AUTO, example_inputs=inputs or None).graph_module
 
 
 @dataclass(frozen=True)
@@ -161,7 +174,7 @@ def report(net: nn.Module, *inputs: object) -> Report:
         primary, norms = net.primary, count_norm_layers(net)
         rows = (
             CostRow("original primary", count_flops(primary, *inputs), count_parameters(primary),
-                    count_norm_layers(primary)),
+                    count_norm_layers(primary, *inputs)),
             CostRow("fused training graph, forward", count_flops(net, *inputs), count_parameters(net), norms),
             CostRow("fused training graph, forward + backward", count_flops(net, *inputs, backward=True),
                     count_parameters(net), norms),

@@ -5,7 +5,8 @@ parameter names are the originals under a branch prefix and an optimizer built o
 ``primary.parameters()`` keeps working. Its forward runs a generated fx program: one for train mode
 and one for eval mode where the branches trace differently (timm's DropPath), else one for both.
 It pickles (``torch.save``, ``copy.deepcopy``) with its graphs as flat node lists, whatever their size,
-and ``.to()`` moves its example inputs with its parameters.
+and ``.to()`` moves its example inputs with its parameters. A branch captured by torch.export has flat outputs
+in the program; the network puts them back into that model's own structure (``ImageClassifierOutput``...).
 
 Detaching the primary is :mod:`auxwrap.deploy`'s work, which builds on this module: attach() hands each
 network deploy's ``detach_primary`` (``detach``), so that this module never imports deploy. It is kept on the
@@ -22,12 +23,13 @@ from typing import Any, NamedTuple
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.node import map_aggregate
+from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from .build import FUSIONS, Site
 from .errors import AuxwrapArgumentError
 from .fusion import Fusion
-from .plan import PRIMARY, Connection
+from .graphstate import graph_from_state, graph_state
+from .plan import PRIMARY, Connection, aux_branch
 from .taps import Tap
 
 
@@ -45,7 +47,8 @@ class FusedNet(nn.Module):
     def __init__(self, primary: nn.Module, aux: list[nn.Module], fusions: dict[str, Fusion],
                  graphs: dict[bool, fx.Graph], mode: str, taps: dict[str, list[Tap]],
                  connections: list[Connection], sites: list[Site], example_inputs: tuple,
-                 trace_options: dict[str, Any], detach: Callable[[FusedNet, Any], fx.GraphModule]):
+                 trace_options: dict[str, Any], detach: Callable[[FusedNet, Any], fx.GraphModule],
+                 captures: dict[str, str] | None = None, output_specs: dict[str, TreeSpec] | None = None):
         super().__init__()
         self.primary = primary
         self.aux = nn.ModuleList(aux)
@@ -55,7 +58,9 @@ class FusedNet(nn.Module):
         self.taps = taps
         self.example_inputs = tuple(x.detach() if hasattr(x, "detach") else x for x in example_inputs)
         self.trace_options = trace_options
+        self.captures = captures or {}  # branch -> "fx" or "export": how attach() captured it
         self.deployed = False
+        self._output_specs = output_specs or {}  # branch -> structure of its flat outputs (export captures)
         self._detach = detach  # auxwrap.deploy.detach_primary
         self._graphs = graphs
         self._links = connections
@@ -69,7 +74,13 @@ class FusedNet(nn.Module):
         if self.deployed:
             return AuxOutput(self.primary(*args, **kwargs), ())
         primary, aux = self._program()(*args, **kwargs)
-        return AuxOutput(primary, tuple(aux))
+        return AuxOutput(self._structured(PRIMARY, primary),
+                         tuple(self._structured(aux_branch(k), out) for k, out in enumerate(aux)))
+
+    def _structured(self, branch: str, output: Any) -> Any:
+        """A branch's output in its model's own structure: an exported branch's program returns it flat."""
+        spec = self._output_specs.get(branch)
+        return output if spec is None else tree_unflatten(list(output), spec)
 
     def _program(self) -> fx.GraphModule:
         """The program of the current mode, calling this network's own submodules."""
@@ -109,11 +120,11 @@ class FusedNet(nn.Module):
         state["_programs"] = {}  # generated code is rebuilt by __setstate__ after a copy or unpickling
         # an fx.Graph pickles as a linked list of nodes, one recursion level per node (RecursionError
         # above ~330 nodes): store each graph as a flat list of its nodes instead
-        state["_graphs"] = {key: _graph_state(graph) for key, graph in self._graphs.items()}
+        state["_graphs"] = {key: graph_state(graph) for key, graph in self._graphs.items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state = dict(state, _graphs={key: _graph_from_state(s) for key, s in state["_graphs"].items()})
+        state = dict(state, _graphs={key: graph_from_state(s) for key, s in state["_graphs"].items()})
         super().__setstate__(state)
         self._programs = self._build_programs()
 
@@ -185,8 +196,10 @@ class FusedNet(nn.Module):
         if self.deployed:
             return f"mode={self.mode!r}, deployed: the primary alone"
         window = f", window={self.window} ({self.window_form})" if hasattr(self, "window_form") else ""
+        exported = [b for b, how in self.captures.items() if how == "export"]
+        captured = f", captured by torch.export: {', '.join(exported)}" if exported else ""
         return (f"mode={self.mode!r}, auxiliaries={n_aux}, connections={len(self._links)} "
-                f"({to_primary} into the primary){window}")
+                f"({to_primary} into the primary){window}{captured}")
 
 
 def _moved_like(fn: Callable[[torch.Tensor], torch.Tensor], value: object) -> object:
@@ -196,41 +209,6 @@ def _moved_like(fn: Callable[[torch.Tensor], torch.Tensor], value: object) -> ob
         return value
     moved = fn(torch.empty(0, dtype=value.dtype, device=value.device))
     return value.to(device=moved.device, dtype=moved.dtype)
-
-
-# ---------------------------------------------------------------------- graphs in a flat, picklable form
-
-@dataclasses.dataclass(frozen=True)
-class _NodeRef:
-    """A node of the same graph, by name, in a stored node's arguments (not a tuple: map_aggregate
-    would go inside one)."""
-
-    name: str
-
-
-def _graph_state(graph: fx.Graph) -> dict[str, Any]:
-    """``graph`` as a flat list of nodes (op, name, target, arguments with nodes named, type, meta):
-    pickles without recursing along the node list; :func:`_graph_from_state` rebuilds it."""
-    nodes = [(n.op, n.name, n.target, fx.map_arg(n.args, lambda a: _NodeRef(a.name)),
-              fx.map_arg(n.kwargs, lambda a: _NodeRef(a.name)), n.type, dict(n.meta)) for n in graph.nodes]
-    return {"nodes": nodes, "codegen": graph._codegen}
-
-
-def _graph_from_state(state: dict[str, Any]) -> fx.Graph:
-    """The graph :func:`_graph_state` stored: the same nodes, names, arguments, types and meta."""
-    graph = fx.Graph()
-    graph._codegen = state["codegen"]
-    env: dict[str, fx.Node] = {}
-
-    def resolve(value: object) -> object:
-        return env[value.name] if isinstance(value, _NodeRef) else value
-
-    for op, name, target, args, kwargs, type_expr, meta in state["nodes"]:
-        node = graph.create_node(op, target, map_aggregate(args, resolve), map_aggregate(kwargs, resolve),
-                                 name=name, type_expr=type_expr)
-        node.meta = meta
-        env[name] = node
-    return graph
 
 
 def unwrap(net: nn.Module, argument: str = "net") -> FusedNet:

@@ -79,18 +79,20 @@ class Tap:
 
 
 def find_taps(traced: Traced | nn.Module, example_inputs: object = None,
-              taps: str | Sequence[str] = "layer") -> list[Tap]:
+              taps: str | Sequence[str] = "layer", *, capture: str = "auto") -> list[Tap]:
     """The ordered fusion points of ``traced``.
 
     Args:
-        traced: the output of :func:`auxwrap.trace`, or a module (traced here with the defaults; trace it
-            yourself to pass leaf modules or concrete args).
+        traced: the output of :func:`auxwrap.trace`, or a module (traced here with ``capture`` and
+            ``example_inputs``; trace it yourself to pass leaf modules or concrete args).
         example_inputs: a tensor or tuple of forward() inputs used to learn shapes; inferred from
             timm's ``pretrained_cfg`` where the model has one.
         taps: ``"layer"``, ``"stage"``, or a list of module paths / fx node names.
+        capture: how to capture a module (see :func:`auxwrap.trace`): ``"auto"``, ``"fx"`` or ``"export"``.
+            Both captures give the same points, by the same names, on models torch.fx can trace.
     """
     if isinstance(traced, nn.Module):
-        traced = trace(traced)
+        traced = trace(traced, capture=capture, example_inputs=example_inputs)
     elif not isinstance(traced, Traced):
         raise AuxwrapArgumentError(
             f"find_taps() takes a model or the result of auxwrap.trace(model), got {type(traced).__name__}.")
@@ -125,6 +127,10 @@ class _TapFinder:
         self.position = {n: i for i, n in enumerate(traced.graph.nodes)}
         self.nodes = {n.name: n for n in traced.graph.nodes}
         self._owned = _owned_nodes(traced)
+        # torch.export nodes inside a module torch.fx keeps opaque (one call_module node there) -> that call
+        self._opaque = {n: call for n in traced.graph.nodes if (call := analysis.opaque_call(traced, n))}
+        self._call_names = _fx_call_names(self._opaque)  # and the last node of each call -> its torch.fx name
+        self._calls_named = {name: node for node, name in self._call_names.items()}
 
     # ---------------------------------------------------------------- layer points
 
@@ -175,7 +181,8 @@ class _TapFinder:
     def _weight_count(self, tap: Tap) -> int:
         if tap.kind == UNIT:
             return 1
-        return sum(analysis.is_weight_op(self.traced, n) for n in self._owned[tap.name])
+        # a module torch.fx keeps opaque is one op, however many ATen ops torch.export records inside it
+        return len({self._opaque.get(n, n) for n in self._owned[tap.name] if analysis.is_weight_op(self.traced, n)})
 
     def _block_name(self, path: str) -> str:
         """Name a block by the deepest module that owns exactly its nodes, skipping generic containers
@@ -196,10 +203,11 @@ class _TapFinder:
             self._is_leaf(child) for child in children)
 
     def _is_leaf(self, path: str) -> bool:
-        """No submodules, or called as one opaque ``call_module`` (timm's BatchNormAct2d)."""
+        """No submodules, or called as one opaque ``call_module`` (timm's BatchNormAct2d; in a torch.export
+        capture, a module torch.fx would call so: :func:`auxwrap.analysis.opaque_module`)."""
         module = self.traced.modules[path]
         return not any(True for _ in module.children()) or all(
-            n.op == "call_module" and n.target == path for n in self._owned.get(path, []))
+            analysis.opaque_module(self.traced, n) == path for n in self._owned.get(path, []))
 
     def _is_block(self, path: str, on_main_path: bool = True) -> bool:
         """Not a leaf, holds a conv/linear, ends on the main path (unless ``on_main_path=False``), has a sibling
@@ -227,14 +235,16 @@ class _TapFinder:
 
     def _unit_from(self, weight: fx.Node) -> Tap | None:
         """weight -> [norm] -> activation, each the sole user of the one before, ending on the main path."""
-        norm = activation = None
+        norm = norm_end = activation = None
+        weight = self._through_opaque(weight)  # e.g. timm's Conv2dSame: the pad, then the conv
         follower = self._next(weight)
         if follower is not None and analysis.is_norm_op(self.traced, follower):
-            norm, follower = follower, self._next(follower)
+            norm_end = self._through_opaque(follower)  # a norm module's own activation, recorded by torch.export
+            norm, follower = follower, self._next(norm_end)
         activated = norm is not None and analysis.norm_includes_activation(self.traced, norm)
         if not activated and follower is not None and analysis.is_activation(self.traced, follower):
             activation, activated = follower, True
-        end = activation or norm
+        end = activation or norm_end
         if not activated or end not in self.cuts:
             return None
         unit = Unit(weight.name, norm.name if norm else None, activation.name if activation else None)
@@ -243,9 +253,19 @@ class _TapFinder:
     def _next(self, node: fx.Node) -> fx.Node | None:
         """The sole user of ``node``, past identity modules (timm's ``nn.Identity`` for an absent norm)."""
         user = _sole_user(node)
-        while user is not None and _is_identity(self.traced.target_module(user)):
+        while user is not None and analysis.is_identity(self.traced, user):
             user = _sole_user(user)
         return user
+
+    def _through_opaque(self, node: fx.Node) -> fx.Node:
+        """The last of the nodes torch.export recorded inside the opaque module ``node`` lies in (timm's
+        ``BatchNormAct2d``: its batch norm, then its activation), each the sole user of the one before;
+        ``node`` itself elsewhere (a torch.fx ``call_module`` node is the whole call)."""
+        call = self._opaque.get(node)
+        user = _sole_user(node)
+        while call is not None and user is not None and self._opaque.get(user) == call:
+            node, user = user, _sole_user(user)
+        return node
 
     # ---------------------------------------------------------------- stage points
 
@@ -284,7 +304,9 @@ class _TapFinder:
     @staticmethod
     def _stage_ends_from_shapes(layers: list[Tap]) -> list[Tap]:
         maps = [t for t in layers if t.layout in (NCHW, NHWC, TOKENS)]
-        return [t for t, nxt in zip(maps, maps[1:] + [None], strict=True) if nxt is None or nxt.spatial != t.spatial]
+        if not maps:  # every point a vector: no resolution at all
+            return []
+        return [t for t, nxt in zip(maps, [*maps[1:], None], strict=True) if nxt is None or nxt.spatial != t.spatial]
 
     # ---------------------------------------------------------------- points named by hand
 
@@ -293,6 +315,8 @@ class _TapFinder:
         for name in names:
             if name in self.nodes and name not in self.traced.modules:
                 node = self.nodes[name]
+            elif name in self._calls_named and name not in self.traced.modules:
+                node = self._calls_named[name]
             elif name in self.traced.modules and self._owned.get(name):
                 node = self._last_node(name)
             else:
@@ -320,9 +344,9 @@ class _TapFinder:
 
     def _tap(self, node: fx.Node, kind: str, name: str | None = None, unit: Unit | None = None) -> Tap:
         shape = self.values[node].shape
-        owner = self.traced.owner(node)
+        owner = analysis.owner(self.traced, node)
         if name is None:
-            name = owner if owner and self._last_node(owner) is node else node.name
+            name = owner if owner and self._last_node(owner) is node else self._call_names.get(node, node.name)
         layout = analysis.layout_of(self.traced, node, shape)
         prefix, grid = self._token_grid(shape[1]) if layout == TOKENS else (0, None)
         return Tap(name, node.name, owner, shape, layout, kind, unit, prefix, grid)
@@ -348,12 +372,13 @@ class _TapFinder:
 
 
 def _owned_nodes(traced: Traced) -> dict[str, list[fx.Node]]:
-    """Module path -> the nodes it owns (its own and its descendants'), in graph order, no get_attr."""
+    """Module path -> the nodes it owns (its own and its descendants'), in graph order, no get_attr; owned as
+    torch.fx records it (:func:`auxwrap.analysis.owner`), so that both captures list the same modules."""
     owned: dict[str, list[fx.Node]] = {}
     for node in traced.graph.nodes:
         if node.op in ("placeholder", "output", "get_attr"):
             continue
-        path = traced.owner(node)
+        path = analysis.owner(traced, node)
         owned.setdefault("", []).append(node)
         parts = path.split(".") if path else []
         for depth in range(1, len(parts) + 1):
@@ -361,15 +386,19 @@ def _owned_nodes(traced: Traced) -> dict[str, list[fx.Node]]:
     return owned
 
 
+def _fx_call_names(opaque: dict[fx.Node, tuple[str, str]]) -> dict[fx.Node, str]:
+    """The last node of each call of a module torch.fx keeps opaque (``opaque``: node -> (call, module path), in
+    graph order) -> the name torch.fx gives that call's ``call_module`` node (``blocks_1_act``, then
+    ``blocks_1_act_1`` for its second call), so that a point named by its node in a torch.fx graph is named the
+    same in a torch.export capture. torch.fx's own naming rules make the names; only module calls are counted
+    (a function named as a module path would shift torch.fx's count)."""
+    last = {call: node for node, call in opaque.items()}
+    namespace = fx.graph._Namespace()
+    return {node: namespace.create_name(fx.graph._snake_case(path), None) for (_, path), node in last.items()}
+
+
 def _child_paths(path: str, module: nn.Module) -> list[str]:
     return [f"{path}.{name}" if path else name for name, _ in module.named_children()]
-
-
-def _is_identity(module: nn.Module | None) -> bool:
-    """A module that returns its input: ``nn.Identity``, or a dropout of probability 0 (timm's ``drop=0.``)."""
-    if isinstance(module, nn.Identity):
-        return True
-    return isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0
 
 
 def _sole_user(node: fx.Node) -> fx.Node | None:

@@ -1,5 +1,11 @@
 """Step 1 — capture a model as a torch.fx graph that remembers which module owns every node.
 
+Two ways (``capture=``): torch.fx symbolic tracing (``"fx"``), which keeps modules and functions as they
+are written and takes inputs of any size; and non-strict ``torch.export`` (``"export"``,
+:mod:`auxwrap.capture`), which records ATen operations and also captures models whose Python control flow
+stops torch.fx (Hugging Face transformers). ``"auto"``, the default, uses torch.fx where it traces and
+says so once where it falls back on torch.export. Both give a :class:`Traced` the later steps read alike.
+
 The graph module shares the user's parameters and submodules (nothing is copied). timm's no-trace
 registries are applied automatically, so every model timm itself can trace traces here too.
 """
@@ -7,6 +13,7 @@ registries are applied automatically, so every model timm itself can trace trace
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -18,7 +25,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import AuxwrapArgumentError, AuxwrapTraceError
+from . import capture as exporting
+from .capture import AUTO, CAPTURES, EXPORT, FX, CaptureFailed
+from .errors import AuxwrapArgumentError, AuxwrapTraceError, check_choice
+from .examples import default_example_inputs
 
 #: ``node.meta`` key holding the dotted path of the module that owns the node ("" for the root).
 MODULE_PATH = "auxwrap_module_path"
@@ -125,13 +135,23 @@ class _TensorValues:
                     tensor.copy_(value)
 
 
+class AuxwrapCaptureWarning(UserWarning):
+    """``capture="auto"``: torch.fx could not trace a model, so it was captured with torch.export."""
+
+
 @dataclass
 class Traced:
-    """A traced model: the user's module, its fx graph module, and the node → module-path map."""
+    """A traced model: the user's module, its fx graph module, and the node → module-path map.
+
+    ``capture`` says how the graph was made: ``"fx"`` (torch.fx: modules are ``call_module`` nodes, the graph
+    returns the model's output structure) or ``"export"`` (torch.export: ATen ``call_function`` nodes, the
+    ``output`` node holds the flat outputs and :attr:`output_spec` their structure).
+    """
 
     model: nn.Module
     graph_module: fx.GraphModule
     training: bool
+    capture: str = FX
     modules: dict[str, nn.Module] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +164,11 @@ class Traced:
     @property
     def name(self) -> str:
         return type(self.model).__name__
+
+    @property
+    def output_spec(self):  # noqa: ANN201 (a torch.utils._pytree.TreeSpec, or None)
+        """How the flat outputs of an export capture make the model's output structure; None for torch.fx."""
+        return exporting.output_spec(self.graph)
 
     def owner(self, node: fx.Node) -> str:
         """The dotted path of the module whose forward created ``node`` ("" for the root)."""
@@ -167,6 +192,17 @@ def default_leaf_modules() -> tuple[type[nn.Module], ...]:
     from timm.layers import get_notrace_modules
 
     return tuple(get_notrace_modules())
+
+
+def is_fx_leaf(module: nn.Module, path: str = "") -> bool:
+    """Whether torch.fx, with the default leaf modules, calls ``module`` as one opaque ``call_module`` (torch.nn's
+    own modules, timm's no-trace registry): how a torch.export node is given the owner torch.fx would give it."""
+    return _default_tracer().is_leaf_module(module, path)
+
+
+@functools.cache
+def _default_tracer() -> _PathTracer:
+    return _PathTracer(default_leaf_modules())
 
 
 def default_autowrap_functions() -> tuple[Callable, ...]:
@@ -216,32 +252,65 @@ class _PathTracer(fx.Tracer):
 def trace(
     model: nn.Module,
     *,
+    capture: str = AUTO,
+    example_inputs: Any = None,
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable] = (),
     concrete_args: dict[str, Any] | None = None,
     training: bool | None = None,
 ) -> Traced:
-    """Trace ``model`` with torch.fx, recording the owning module path of every node.
+    """Capture ``model`` as a graph, recording the owning module path of every node.
 
     Args:
         model: any ``nn.Module``; it is not modified.
-        leaf_modules: module classes to keep as one opaque call (added to timm's registry).
-        autowrap_functions: functions to record as one call instead of tracing through them.
-        concrete_args: values for ``forward`` arguments that drive Python control flow.
-        training: trace as in train (True) or eval (False) mode; Python code that reads
-            ``self.training`` (timm's DropPath) is baked into the graph. Default: the current mode.
+        capture: ``"auto"`` (torch.fx, and torch.export where torch.fx fails, with an
+            :class:`AuxwrapCaptureWarning` saying so), ``"fx"`` or ``"export"`` (non-strict ``torch.export``:
+            the batch dimension stays dynamic, every other input dimension is fixed to ``example_inputs``').
+        example_inputs: a tensor or tuple of ``forward`` inputs; torch.export runs the model on them (default:
+            inferred from timm's ``pretrained_cfg`` or a transformers ``config``). torch.fx does not need them.
+        leaf_modules: module classes to keep as one opaque call (added to timm's registry); torch.fx only.
+        autowrap_functions: functions to record as one call instead of tracing through them; torch.fx only.
+        concrete_args: values for ``forward`` arguments that drive Python control flow; torch.fx only.
+        training: capture as in train (True) or eval (False) mode; Python code that reads
+            ``self.training`` (timm's DropPath, dropout) is baked into the graph. Default: the current mode.
 
     The model is left as found (:func:`kept_as_found`): training flags, attributes, buffers. A forward
     that stores attributes (they would hold fx Proxies) or updates buffers in place outside the graph
     (torch.fx runs ``self.calls.add_(1)`` on the buffer itself) gets a warning naming them: the graph
-    does not replay either. Only torch.fx's own ``_tensor_constant<N>`` attributes are added to the
-    model, where its forward creates tensor constants: the graph reads them from there.
+    does not replay either. Only constants the graph reads are added to the model (torch.fx's
+    ``_tensor_constant<N>``, torch.export's ``lifted_tensor_<N>``), where its forward creates tensors.
 
     Raises:
         AuxwrapArgumentError: ``model`` is not a traceable ``nn.Module`` or an option is malformed.
-        AuxwrapTraceError: torch.fx failed; the message names the module and class at fault.
+        AuxwrapTraceError: the capture failed; the message names the module and class at fault.
     """
     _check_model(model)
+    capture = check_capture(capture)
+    fx_options = dict(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, concrete_args=concrete_args)
+    if capture == EXPORT:
+        _check_export_options(model, fx_options)
+        return _export(model, example_inputs, training)
+    try:
+        return _fx_trace(model, training=training, **fx_options)
+    except AuxwrapTraceError as error:
+        if capture == FX:
+            raise
+        fx_error = error
+    traced = _export(model, _inputs_to_fall_back_on(model, example_inputs, fx_error), training, fx_error=fx_error)
+    warnings.warn(_fallback_message(model, fx_error, fx_options), AuxwrapCaptureWarning, stacklevel=2)
+    return traced
+
+
+def check_capture(capture: object) -> str:
+    """``capture`` where it is one of ``"auto"``, ``"fx"``, ``"export"``."""
+    return check_choice("capture", capture, CAPTURES,
+                        fix="use 'auto' (torch.fx, else torch.export), 'fx' or 'export' (e.g. for Hugging Face "
+                            "transformers models)")
+
+
+def _fx_trace(model: nn.Module, *, leaf_modules: Iterable[type[nn.Module]], autowrap_functions: Iterable[Callable],
+              concrete_args: dict[str, Any] | None, training: bool | None) -> Traced:
+    """:func:`trace` with torch.fx."""
     leaves = _check_leaf_modules(leaf_modules) + default_leaf_modules()
     wrapped = _check_functions(autowrap_functions) + default_autowrap_functions()
     tracer = _PathTracer(leaves, wrapped)
@@ -262,8 +331,99 @@ def trace(
         for name in tracer.stowed:  # the graph, and a fused network built from it, reads them from the model
             keep_attribute(model, name)
     if stored or updated:
-        warnings.warn(_side_effects_message(model, stored, updated), stacklevel=2)
+        warnings.warn(_side_effects_message(model, stored, updated), stacklevel=3)
     return Traced(model=model, graph_module=graph_module, training=traced_training)
+
+
+def _export(model: nn.Module, example_inputs: Any, training: bool | None,
+            fx_error: AuxwrapTraceError | None = None) -> Traced:
+    """:func:`trace` with non-strict torch.export (:mod:`auxwrap.capture`); ``fx_error``: why torch.fx was not
+    used, for the message where torch.export fails too."""
+    inputs = _export_inputs(model, example_inputs)
+    with kept_as_found(model):
+        if training is not None:
+            model.train(training)
+        traced_training = model.training
+        try:
+            graph_module, stowed = exporting.exported_graph_module(model, inputs)
+        except CaptureFailed as failed:
+            message = _export_failure_message(model, failed, fx_error)
+            raise AuxwrapTraceError(message, failed.module_path, failed.module_type) from failed.cause
+        for node in graph_module.graph.nodes:
+            node.meta[MODULE_PATH] = exporting.module_path(node)
+        for name in stowed:
+            keep_attribute(model, name)
+    if not exporting.batch_is_dynamic(graph_module):
+        warnings.warn(f"torch.export fixed the batch size of {type(model).__name__} to {_batch_size(inputs)} (its "
+                      "forward() uses the batch size as a number): the captured graph, and a network built from it, "
+                      "takes batches of that size only.", AuxwrapCaptureWarning, stacklevel=3)
+    return Traced(model=model, graph_module=graph_module, training=traced_training, capture=EXPORT)
+
+
+def _inputs_to_fall_back_on(model: nn.Module, example_inputs: Any, fx_error: AuxwrapTraceError) -> Any:
+    """The example inputs torch.export runs the model on after torch.fx failed; where there are none to give or
+    infer, torch.fx's error, which says how to get them."""
+    if example_inputs is not None:
+        return example_inputs
+    try:
+        return default_example_inputs(model)
+    except AuxwrapArgumentError:
+        note = ("\ncapture='auto' would capture it with torch.export instead, which runs the model: pass "
+                "example_inputs=(torch.randn(2, 3, H, W),) with the shape its forward() takes.")
+        raise AuxwrapTraceError(str(fx_error) + note, fx_error.module_path, fx_error.module_type) from fx_error
+
+
+def _export_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise AuxwrapArgumentError(
+        f"example_inputs for {type(model).__name__} must be a tensor or a non-empty tuple of the positional "
+        f"inputs of forward(), got {type(example_inputs).__name__}; torch.export runs the model on them, e.g. "
+        "example_inputs=(torch.randn(2, 3, 224, 224),)")
+
+
+def _batch_size(inputs: tuple) -> int | str:
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.dim() > 0]
+    return tensors[0].shape[0] if tensors else "?"
+
+
+def _check_export_options(model: nn.Module, fx_options: dict[str, Any]) -> None:
+    given = [name for name, value in fx_options.items() if value]
+    if given:
+        raise AuxwrapArgumentError(
+            f"{', '.join(given)} apply to torch.fx only, and capture='export' was asked for {type(model).__name__}; "
+            "drop them (torch.export runs the real forward, so it needs no leaf modules or concrete values), or "
+            "use capture='fx'.")
+
+
+def _fallback_message(model: nn.Module, fx_error: AuxwrapTraceError, fx_options: dict[str, Any]) -> str:
+    where = f"module '{fx_error.module_path}'" if fx_error.module_path else "its forward()"
+    reason = str(fx_error.__cause__ or fx_error).splitlines()[0].split(". ")[0]
+    ignored = [name for name, value in fx_options.items() if value]
+    unused = f" ({', '.join(ignored)} apply to torch.fx only and were not used)" if ignored else ""
+    return (f"{type(model).__name__}: torch.fx could not trace {where} ({reason}), so auxwrap captured it with "
+            f"torch.export (non-strict){unused}. Pass capture='export' to skip the torch.fx attempt and this "
+            "message, or capture='fx' to make a torch.fx failure an error.")
+
+
+def _export_failure_message(model: nn.Module, failed: CaptureFailed, fx_error: AuxwrapTraceError | None) -> str:
+    """torch.export's failure, after torch.fx's where "auto" tried both (its fixes stay the first to try)."""
+    where = (f"module '{failed.module_path}' ({failed.module_type.__name__})" if failed.module_path
+             else f"{type(model).__name__}.forward itself")
+    if fx_error is not None:
+        return (f"{fx_error}\ntorch.export (non-strict), tried next, could not capture it either: it failed inside "
+                f"{where}: {failed}")
+    fixes = "\n".join([
+        "  1. where the error names a data-dependent value or guard, forward() branches on the values of a tensor: "
+        "rewrite that branch with torch.cond, or move it out of forward()",
+        "  2. pass example_inputs that forward() accepts: torch.export runs it on them",
+        "  3. capture='fx' (or 'auto'), with leaf_modules=[...] or concrete_args={...} where torch.fx needs them"])
+    return (f"torch.export (non-strict) could not capture {type(model).__name__}: it failed inside {where}: "
+            f"{failed}\nFixes to try, in order:\n{fixes}")
 
 
 def _proxies_stored(model: nn.Module) -> list[str]:
