@@ -1,13 +1,14 @@
 """auxwrap on the command line: train the demo, list a model's fusion points, count the costs of a fused pair.
 
-Models are named source:name, e.g. timm:resnet50 or torchvision:vgg16 (a bare name means timm), and built with
-random weights: nothing is downloaded.
+Models are named source:name, e.g. timm:resnet50, torchvision:vgg16 or hf:vit (a transformers image classifier of
+its default config; a bare name means timm), and built with random weights: nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import json
 import os
 import re
@@ -22,10 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .errors import AuxwrapError, AuxwrapTapError
+from .errors import AuxwrapArgumentError, AuxwrapError, AuxwrapTapError
 from .optional import require
 
 if TYPE_CHECKING:  # the command handlers import torch and auxwrap's core themselves: --help stays fast
+    from torch import nn
+
     from .taps import Tap
 
 #: what the demo trains, on the few-label task of auxwrap.demo.experiments
@@ -35,11 +38,19 @@ DEMO_METHODS = ("single", "aux-g-layer", "aux-nas")
 DEMO_NEEDS = ("sklearn", "tqdm", "matplotlib")
 #: the --taps choices that are not lists of names
 TAP_CHOICES = ("layer", "stage")
+#: the --capture choices: auxwrap.capture.CAPTURES, written out so that --help does not import torch (a test checks)
+CAPTURE_CHOICES = ("auto", "fx", "export")
+CAPTURE_HELP = ("how each model becomes a graph: auto (torch.fx, and non-strict torch.export where torch.fx cannot "
+                "trace, with a warning saying so), fx, or export (e.g. for transformers models)")
+#: the source prefix of a Hugging Face transformers model: hf:vit, hf:convnext, hf:swin...
+HF_SOURCE = "hf"
+MODEL_HELP = "source:name, e.g. timm:resnet50, torchvision:vgg16 or hf:vit"
 
 EPILOG = """examples:
   python -m auxwrap demo --quick                 # 10 epochs and 2 seeds: checks that it runs
   python -m auxwrap demo --seeds 5 --out results # the full comparison, report and gate plot in results/
   python -m auxwrap taps timm:resnet50           # the fusion points of a model, by name
+  python -m auxwrap taps hf:vit --size 64        # a transformers ViT, captured with torch.export
   python -m auxwrap flops --primary timm:resnet50 --aux torchvision:resnet18 --taps stage
   python -m auxwrap flops --primary timm:vit_tiny_patch16_224 --aux timm:vit_tiny_patch16_224 \\
       --taps blocks.2,blocks.5,blocks.8,blocks.11 --json"""
@@ -120,9 +131,11 @@ def _add_taps(commands: Any) -> None:
         commands, "taps", "list the fusion points of a timm or torchvision model",
         "Trace a model, check that the traced graph computes what the model computes, and list its fusion "
         "points (the names --taps takes) with their layouts and shapes.",
-        "  python -m auxwrap taps timm:resnet50\n  python -m auxwrap taps torchvision:vgg16 --size 64 --json")
-    taps.add_argument("model", help="source:name, e.g. timm:resnet50 or torchvision:vgg16")
+        "  python -m auxwrap taps timm:resnet50\n  python -m auxwrap taps torchvision:vgg16 --size 64 --json\n"
+        "  python -m auxwrap taps hf:vit --size 64 --capture export")
+    taps.add_argument("model", help=MODEL_HELP)
     taps.add_argument("--size", type=int, default=224, help="input height and width")
+    taps.add_argument("--capture", choices=CAPTURE_CHOICES, default="auto", help=CAPTURE_HELP)
     taps.add_argument("--json", action="store_true", help="print the points as JSON on stdout")
 
 
@@ -136,7 +149,7 @@ def _add_flops(commands: Any) -> None:
         "      --primary-taps layer1,layer2,layer3,layer4 --aux-taps layer\n"
         "  python -m auxwrap flops --primary timm:vit_tiny_patch16_224 --aux timm:vit_tiny_patch16_224 \\\n"
         "      --taps blocks.2,blocks.5,blocks.8,blocks.11 --json")
-    flops.add_argument("--primary", required=True, help="source:name, e.g. timm:resnet50 or torchvision:vgg16")
+    flops.add_argument("--primary", required=True, help=MODEL_HELP)
     flops.add_argument("--aux", required=True, nargs="+", metavar="MODEL", help="one or more auxiliary models")
     flops.add_argument("--mode", choices=("grad", "nas"), default="nas",
                        help="grad: Aux-G, primary -> auxiliary links only; nas: Aux-NAS, links both ways")
@@ -148,6 +161,7 @@ def _add_flops(commands: Any) -> None:
     flops.add_argument("--fusion-rank", type=fusion_rank_arg, default=None, metavar="R",
                        help="low-rank fusions, as attach(fusion_rank=R): an int rank, or a fraction of each "
                             "destination's channels such as 0.25 (default: full rank)")
+    flops.add_argument("--capture", choices=CAPTURE_CHOICES, default="auto", help=CAPTURE_HELP)
     flops.add_argument("--size", type=int, default=224, help="input height and width")
     flops.add_argument("--batch", type=int, default=1, help="batch size of the counted pass")
     flops.add_argument("--json", action="store_true", help="print the costs as JSON on stdout")
@@ -158,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {"demo": _demo, "taps": _show_taps, "flops": _flops}
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _plain_auxwrap_warnings(warnings.showwarning)
+            return handlers[args.command](args)
     except AuxwrapTapError as error:
         print(f"error: {error}\n{command_line_taps_hint(str(error))}", file=sys.stderr)
         return 2
@@ -168,6 +184,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader stopped early (python -m auxwrap taps MODEL | head): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush stays quiet
         return 0
+
+
+def _plain_auxwrap_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning`` printing auxwrap's own warnings (the capture="auto" fallback) as ``warning: ...``
+    on stderr, without Python's file and line; others go to ``show``."""
+    def show_warning(message: Warning | str, category: type[Warning], *where: Any, **more: Any) -> None:
+        if category.__module__.startswith("auxwrap."):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, *where, **more)
+    return show_warning
 
 
 def command_line_taps_hint(message: str) -> str:
@@ -231,16 +258,15 @@ def _printer(stream: Any) -> Callable[[str], None]:
 def _show_taps(args: argparse.Namespace) -> int:
     import torch
 
-    from .demo.models import build_model
     from .taps import find_taps
     from .trace import trace
 
-    model = build_model(args.model).eval()
+    model = build_named_model(args.model, args.size).eval()
     x = torch.randn(2, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    traced = trace(model)
+    traced = trace(model, capture=args.capture, example_inputs=(x,))
     with torch.no_grad():
-        same = torch.equal(traced.graph_module(x), model(x))
+        same = _same_tensors(traced.graph_module(x), model(x))
     seconds = time.perf_counter() - start
     layers = find_taps(traced, (x,), "layer")
     try:
@@ -248,17 +274,58 @@ def _show_taps(args: argparse.Namespace) -> int:
     except AuxwrapError as error:
         stage_names, stage_error = set(), str(error).splitlines()[0]
     if args.json:
-        print(json.dumps({"model": args.model, "traced_nodes": len(traced.graph.nodes),
+        print(json.dumps({"model": args.model, "capture": traced.capture, "traced_nodes": len(traced.graph.nodes),
                           "traced_equals_eager": same, "stages_error": stage_error,
                           "taps": [_tap_record(t, t.name in stage_names) for t in layers]}, indent=2))
     else:
-        print(f"model {args.model}: traced {len(traced.graph.nodes)} nodes in {seconds:.2f} s; "
+        print(f"model {args.model}: traced {len(traced.graph.nodes)} nodes with torch.{traced.capture} in "
+              f"{seconds:.2f} s; "
               f"traced output equals eager output: {same}")
         if stage_error is not None:
             print(f"  stages: {stage_error}")
         print(_tap_table(layers, stage_names))
         print()
     return 0 if same else 1
+
+
+def _same_tensors(a: Any, b: Any) -> bool:
+    """Whether two outputs (tensors, or structures of them such as a transformers ``ImageClassifierOutput``) hold
+    equal tensors in the same structure."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    (leaves_a, spec_a), (leaves_b, spec_b) = tree_flatten(a), tree_flatten(b)
+    return spec_a == spec_b and all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+                                    for x, y in zip(leaves_a, leaves_b, strict=True))
+
+
+def build_named_model(spec: str, size: int = 224) -> nn.Module:
+    """A model named on the command line, with random weights: ``hf:NAME`` is a transformers image classifier of
+    ``NAME``'s default config (image_size set to ``size`` where the config has one); others as
+    :func:`auxwrap.demo.models.build_model` builds them (timm, torchvision)."""
+    from .demo.models import build_model
+
+    source, _, name = spec.rpartition(":")
+    return _hf_model(spec, name, size) if source == HF_SOURCE else build_model(spec)
+
+
+def _hf_model(spec: str, name: str, size: int) -> nn.Module:
+    require("transformers", extra="hf", purpose=f"the model {spec}")
+    from transformers import AutoConfig, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    known = sorted(MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)
+    if name not in known:
+        close = difflib.get_close_matches(name.lower(), known, n=3)
+        hint = f"did you mean {', '.join(f'hf:{c}' for c in close)}? " if close else ""
+        raise AuxwrapArgumentError(
+            f"unknown transformers image classifier {name!r} in {spec!r}: {hint}The command line takes hf:TYPE "
+            f"with a model type of AutoModelForImageClassification, e.g. hf:vit, hf:convnext, hf:swin ({len(known)} "
+            "of them); the Python API (auxwrap.attach, auxwrap.trace) takes any model.")
+    config = AutoConfig.for_model(name)
+    if isinstance(getattr(config, "image_size", None), int):
+        config.image_size = size
+    return AutoModelForImageClassification.from_config(config)
 
 
 def _tap_record(tap: Tap, stage_end: bool) -> dict[str, Any]:
@@ -271,27 +338,33 @@ def _flops(args: argparse.Namespace) -> int:
     import torch
 
     from .attach import attach
-    from .demo.models import build_model
     from .flops import report
     from .plan import PRIMARY
 
-    primary = build_model(args.primary).eval()
-    aux = [build_model(spec).eval() for spec in args.aux]
+    primary = build_named_model(args.primary, args.size).eval()
+    aux = [build_named_model(spec, args.size).eval() for spec in args.aux]
     taps = args.taps
     if args.primary_taps is not None or args.aux_taps is not None:  # attach()'s per-branch form
         taps = {PRIMARY: args.primary_taps or args.taps, "aux": args.aux_taps or args.taps}
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-    net = attach(primary, aux, args.mode, taps=taps, example_inputs=(x,), fusion_rank=args.fusion_rank)
+    # example inputs of at least 2 images: torch.export fixes a batch dimension of size 1 (and train-mode BatchNorm
+    # needs two); the counted pass takes the first --batch of them
+    examples = torch.randn(max(2, args.batch), 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    x = examples[:args.batch]
+    net = attach(primary, aux, args.mode, taps=taps, example_inputs=(examples,), fusion_rank=args.fusion_rank,
+                 capture=args.capture)
+    captures = dict(net.captures)
     costs = report(net, x)
     if args.json:
         print(json.dumps({"primary": args.primary, "aux": args.aux, "mode": args.mode, "taps": taps,
-                          "fusion_rank": args.fusion_rank, "connections": len(net.connections()),
+                          "fusion_rank": args.fusion_rank, "capture": args.capture, "captures": captures,
+                          "connections": len(net.connections()),
                           "inputs": costs.inputs,
                           "rows": [{**asdict(row), "macs": row.macs} for row in costs.rows]}, indent=2))
     else:
         rank = "" if args.fusion_rank is None else f"fusion_rank={args.fusion_rank}, "
+        captured = ", ".join(f"{branch} with torch.{how}" for branch, how in captures.items())
         print(f"{args.primary} + {', '.join(args.aux)} (mode={args.mode}, taps={taps}, {rank}"
-              f"{len(net.connections())} connections)\n")
+              f"{len(net.connections())} connections; captured {captured})\n")
         print(costs)
     return 0
 

@@ -12,19 +12,41 @@ EXAMPLE_BATCH = 2
 
 
 def default_example_inputs(model: nn.Module) -> tuple[torch.Tensor]:
-    """A seeded random batch of timm's default input size; an error for models without one.
+    """A seeded random batch of the model's own input size; an error for models that do not state one.
 
+    The size comes from timm's ``pretrained_cfg["input_size"]`` or, for a Hugging Face transformers vision
+    model, from its ``config`` (``image_size``: an int or a (height, width) pair; ``num_channels``, default 3).
     The global random state is left untouched.
     """
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if not (isinstance(size, (tuple, list)) and len(size) == 3):
+    size = _timm_input_size(model) or _config_input_size(model)
+    if size is None:
         raise AuxwrapArgumentError(
-            f"cannot infer example inputs for {type(model).__name__} (it has no timm pretrained_cfg "
-            "input_size); pass example_inputs=(torch.randn(2, 3, H, W),) with the shape its forward() takes.")
+            f"cannot infer example inputs for {type(model).__name__} (it has neither a timm pretrained_cfg "
+            "input_size nor a transformers config with image_size); pass example_inputs=(torch.randn(2, 3, H, W),) "
+            "with the shape its forward() takes.")
     generator = torch.Generator().manual_seed(0)
     device, dtype = device_and_dtype(model)
     return (torch.randn(EXAMPLE_BATCH, *size, generator=generator).to(device=device, dtype=dtype),)
+
+
+def _timm_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) from timm's ``pretrained_cfg`` (or the older ``default_cfg``), if the model has one."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    return tuple(size) if isinstance(size, (tuple, list)) and len(size) == 3 else None
+
+
+def _config_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) from a transformers ``config``: ``num_channels`` (3 if absent) and ``image_size``."""
+    config = getattr(model, "config", None)
+    image_size = getattr(config, "image_size", None)
+    channels = getattr(config, "num_channels", 3)
+    if isinstance(image_size, int):
+        image_size = (image_size, image_size)
+    if not (isinstance(image_size, (tuple, list)) and len(image_size) == 2 and isinstance(channels, int)
+            and all(isinstance(n, int) and n > 0 for n in (channels, *image_size))):
+        return None
+    return (channels, *image_size)
 
 
 def device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:

@@ -125,6 +125,10 @@ def test_help_is_plain_text_with_defaults_and_examples(argv, capsys):
         assert default in " ".join(text.split()), default
 
 
+class _Calls(list):
+    """The taps of each stubbed attach() call; ``.captures``: the capture= of each."""
+
+
 @pytest.fixture
 def attach_calls(monkeypatch):
     """The ``taps`` argument each attach() call of the flops command gets (models: stand-ins, attach: stopped)."""
@@ -134,11 +138,15 @@ def attach_calls(monkeypatch):
 
     from auxwrap import AuxwrapError
 
-    calls = []
+    calls = _Calls()
 
-    def fake_attach(primary, aux, mode, *, taps, example_inputs, fusion_rank=None):
+    def fake_attach(primary, aux, mode, *, taps, example_inputs, fusion_rank=None, capture="auto"):
         calls.append(taps)
+        captures.append(capture)
         raise AuxwrapError("stopped by the test")
+
+    captures = []
+    calls.captures = captures
 
     monkeypatch.setattr(importlib.import_module("auxwrap.attach"), "attach", fake_attach)
     monkeypatch.setattr(importlib.import_module("auxwrap.demo.models"), "build_model", lambda spec: nn.Identity())
@@ -296,3 +304,118 @@ def test_a_reader_that_stops_early_gets_no_traceback() -> None:
     process.stdout.close()  # before the first line: torch alone takes longer to import
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0 and "Traceback" not in stderr, stderr
+
+
+# ------------------------------------------------------------------ issue 16: --capture and hf: models
+
+
+def _tiny_vit(spec="hf:vit", size=32):
+    """A transformers ViT of 2 blocks on 32x32 images (random weights): torch.fx cannot trace it."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=size, patch_size=8, num_hidden_layers=2, hidden_size=32,
+                                    num_attention_heads=2, intermediate_size=64, num_labels=5)
+    return transformers.ViTForImageClassification(config)
+
+
+@pytest.mark.parametrize("command", ["taps", "flops"])
+def test_help_lists_the_capture_choices_and_default(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--capture {auto,fx,export}" in text and "(default: auto)" in text.split("--capture {auto,fx,export}")[-1]
+    assert "hf:vit" in text
+
+
+@pytest.mark.parametrize("argv", [["taps", "timm:resnet18", "--capture", "jit"],
+                                  ["flops", "--primary", "timm:a", "--aux", "timm:b", "--capture", "dynamo"]])
+def test_a_bad_capture_is_a_usage_error_naming_the_choices(argv, attach_calls, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and attach_calls == []
+    assert f"argument --capture: invalid choice: '{argv[-1]}'" in err
+    assert all(choice in err.split("invalid choice")[-1] for choice in ("auto", "fx", "export"))
+
+
+def test_the_capture_choices_are_those_trace_takes():
+    from auxwrap.capture import CAPTURES
+    from auxwrap.cli import CAPTURE_CHOICES
+
+    assert CAPTURE_CHOICES == CAPTURES
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], "auto"), (["--capture", "fx"], "fx"),
+                                                 (["--capture", "export"], "export")])
+def test_the_capture_flag_reaches_attach(attach_calls, capsys, flags, expected):
+    assert main(["flops", "--primary", "timm:a", "--aux", "timm:b", *flags]) == 2
+    assert attach_calls.captures == [expected] and "stopped by the test" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], "auto"), (["--capture", "export"], "export")])
+def test_the_capture_flag_reaches_trace_with_the_command_inputs(monkeypatch, capsys, flags, expected):
+    import importlib
+
+    from torch import nn
+
+    from auxwrap import AuxwrapError
+
+    calls = []
+
+    def fake_trace(model, *, capture, example_inputs):
+        calls.append((capture, [tuple(x.shape) for x in example_inputs]))
+        raise AuxwrapError("stopped by the test")
+
+    monkeypatch.setattr(importlib.import_module("auxwrap.trace"), "trace", fake_trace)
+    monkeypatch.setattr("auxwrap.cli.build_named_model", lambda spec, size: nn.Identity())
+    assert main(["taps", "timm:a", "--size", "48", *flags]) == 2
+    assert calls == [(expected, [(2, 3, 48, 48)])]
+
+
+def test_taps_of_a_transformers_model_falls_back_on_export_and_says_so_once(monkeypatch, capsys):
+    monkeypatch.setattr("auxwrap.cli.build_named_model", _tiny_vit)
+    assert main(["taps", "hf:vit", "--size", "32", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["capture"] == "export" and result["traced_equals_eager"] is True
+    assert [t["name"] for t in result["taps"]] == ["vit.layers.0", "vit.layers.1"]
+    assert result["taps"][0]["layout"] == "tokens" and result["taps"][0]["shape"] == [17, 32]
+    warnings = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(warnings) == 1, captured.err
+    assert warnings[0].startswith("warning: ViTForImageClassification: torch.fx could not trace")
+    assert "captured it with torch.export" in warnings[0]
+
+
+def test_capture_fx_on_a_transformers_model_is_an_error_naming_the_fixes(monkeypatch, capsys):
+    monkeypatch.setattr("auxwrap.cli.build_named_model", _tiny_vit)
+    assert main(["taps", "hf:vit", "--size", "32", "--capture", "fx"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: torch.fx could not trace ViTForImageClassification")
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_hf_names_build_a_transformers_image_classifier_of_the_given_size():
+    pytest.importorskip("transformers")
+    from auxwrap.cli import build_named_model
+
+    model = build_named_model("hf:vit", 64)
+    assert type(model).__name__ == "ViTForImageClassification" and model.config.image_size == 64
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("hf:vitt", "did you mean hf:vit"), ("hf:bert", "the Python API (auxwrap.attach, auxwrap.trace) takes any")])
+def test_unknown_hf_names_say_what_the_command_line_takes(capsys, spec, expected):
+    pytest.importorskip("transformers")
+    assert main(["taps", spec]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown transformers image classifier {spec.split(':')[1]!r}" in err and expected in err
+
+
+def test_hf_names_without_transformers_name_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["taps", "hf:vit"]) == 2
+    assert "the model hf:vit needs transformers (module transformers), which is not installed: " \
+           "pip install 'auxwrap[hf]'" in capsys.readouterr().err

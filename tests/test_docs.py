@@ -99,3 +99,15 @@ def test_the_home_page_example_runs_and_deploys_the_primary_at_its_own_cost() ->
     assert auxwrap.count_flops(deploy, x) == auxwrap.count_flops(primary, x)
     assert auxwrap.count_parameters(deploy) <= auxwrap.count_parameters(primary)
     assert scope["search"].is_cut
+
+
+def test_the_capture_costs_in_the_guide_are_what_the_benchmark_wrote() -> None:
+    """Every figure of the capture guide's cost table is in benchmarks/results/capture.md, which names its command."""
+    guide = (DOCS / "guides" / "capture.md").read_text()
+    results = (ROOT / "benchmarks" / "results" / "capture.md").read_text()
+    assert "python benchmarks/capture.py --threads 1" in guide and "python benchmarks/capture.py --threads 1" in results
+    table = guide[guide.index("| model (224"):].split("\n\n")[0]
+    figures = re.findall(r"\d+\.\d+", table)
+    assert len(figures) >= 20
+    missing = [f for f in figures if f"{f} s" not in results]
+    assert not missing, f"figures of docs/guides/capture.md not in benchmarks/results/capture.md: {missing}"

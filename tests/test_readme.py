@@ -81,6 +81,34 @@ def test_the_example_runs_and_deploys_the_primary_at_its_own_cost() -> None:
         torch.testing.assert_close(scope["deploy"](x), primary(x), rtol=1e-4, atol=1e-5)
 
 
+def test_the_transformers_example_runs_captures_with_export_and_deploys_the_vit_at_its_own_cost(capsys) -> None:
+    """The README's transformers example, verbatim: the ViT is exported, the ResNet traced, and the deployed ViT
+    returns the ViT's own output structure, with its outputs and its FLOPs."""
+    pytest.importorskip("transformers")
+    import warnings
+
+    import auxwrap
+
+    code = re.search(r"### Hugging Face transformers models\n\n.*?```python\n(.*?)```", _text(), re.S).group(1)
+    assert len(code.splitlines()) <= 16
+    scope: dict = {}
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, "README.md", "exec"), scope)
+    fallbacks = [w for w in caught if issubclass(w.category, auxwrap.AuxwrapCaptureWarning)]
+    assert [str(w.message).split(":")[0] for w in fallbacks] == ["ViTForImageClassification"]  # said once
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["{'primary': 'export', 'aux0': 'fx'}", "ImageClassifierOutput"]  # what the comments say
+    assert scope["net"].captures == {"primary": "export", "aux0": "fx"}
+    x = torch.randn(3, 3, 32, 32)
+    primary, deploy = scope["primary"].eval(), scope["deploy"]
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x).logits, primary(x).logits, rtol=1e-4, atol=1e-5)
+    assert auxwrap.count_flops(deploy, x) == auxwrap.count_flops(primary, x)
+    assert auxwrap.count_parameters(deploy) <= auxwrap.count_parameters(primary)
+
+
 @pytest.mark.parametrize("command", ["python -m auxwrap demo", "python -m pytest"])
 def test_the_two_fresh_machine_commands_are_there(command: str) -> None:
     ci = (ROOT / ".ci" / "run").read_text()
