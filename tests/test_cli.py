@@ -9,6 +9,19 @@ from auxwrap.cli import main
 
 
 @pytest.mark.slow
+def test_the_demo_trains_after_torch_export_and_a_backward_pass_in_this_process(tmp_path):
+    """Once torch.export has run, a backward pass leaves autograd threads that a forked worker cannot use
+    ("Unable to handle autograd's threading in combination with fork-based multiprocessing"): the demo's
+    workers start from a fork server instead."""
+    import torch
+
+    model = torch.nn.Linear(3, 3)
+    torch.export.export(model, (torch.randn(2, 3),), strict=False)
+    model(torch.randn(2, 3)).sum().backward()
+    assert main(["demo", "--quick", "--seeds", "1", "--out", str(tmp_path / "demo")]) == 0
+
+
+@pytest.mark.slow
 def test_demo_quick_trains_prunes_and_compares_at_single_task_cost(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out

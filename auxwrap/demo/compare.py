@@ -10,6 +10,7 @@ seeds. ``python -m auxwrap demo``, ``benchmarks/accuracy.py`` and ``benchmarks/a
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import platform
 import statistics
@@ -99,7 +100,7 @@ def train_grid(runs: Sequence[tuple[str, str, int, Config]], jobs: int, progress
     needed = {key: args for r in runs for key, args in _pretraining(*r).items()}
     states: dict[tuple, dict] = {}
     rows: dict[int, dict] = {}
-    with ProcessPoolExecutor(max_workers=jobs, initializer=_one_thread) as pool, \
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_one_thread, mp_context=_worker_context()) as pool, \
             _Closing(progress_bar(len(needed) + len(runs), "pretraining and runs", progress)) as bar:
         futures = {pool.submit(_pretrain_one, *args): key for key, args in needed.items()}
         for future in as_completed(futures):
@@ -115,6 +116,17 @@ def train_grid(runs: Sequence[tuple[str, str, int, Config]], jobs: int, progress
             bar.set_postfix(last=f"{row['task']} {row['label']} seed {row['seed']}: {row['seconds']} s")
             bar.update()
     return [rows[i] for i in range(len(runs))]
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """How the workers start: from a fork server where the platform has one. A worker forked from this process
+    after it ran a backward pass would fail ("Unable to handle autograd's threading in combination with
+    fork-based multiprocessing"); the fork server is a fresh process, with torch preloaded so workers start fast."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context()
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "auxwrap.demo.experiments"])
+    return context
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
