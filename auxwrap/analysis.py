@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .capture import EXPORT
+from .capture import EXPORT, attribute
 from .errors import AuxwrapArgumentError
 from .examples import device_and_dtype
 from .trace import Traced, is_fx_leaf, kept_as_found
@@ -243,9 +243,8 @@ def _shape_of(traced: Traced, arg: object) -> tuple[int, ...] | None:
         return None
     value = arg.meta.get("val")
     if value is None and arg.op == "get_attr":
-        owner, _, name = arg.target.rpartition(".")
         with contextlib.suppress(AttributeError):
-            value = getattr(traced.graph_module.get_submodule(owner), name)
+            value = attribute(traced.graph_module, arg.target)
     return tuple(int(d) for d in value.shape) if isinstance(value, torch.Tensor) else None
 
 
@@ -269,17 +268,6 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags.items():
             module.training = training
-
-
-def as_input_tuple(example_inputs: object, model_name: str) -> tuple:
-    """Normalise ``example_inputs`` (a tensor or a tuple of positional inputs) to a tuple."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    raise AuxwrapArgumentError(
-        f"example_inputs for {model_name} must be a tensor or a non-empty tuple of the positional "
-        f"inputs of forward(), got {type(example_inputs).__name__}; e.g. example_inputs=(torch.randn(2, 3, 64, 64),)")
 
 
 class _ValueRecorder(fx.Interpreter):

@@ -14,13 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import analysis
 from .analysis import TOKENS
 from .auxmodule import AuxModule
 from .build import Site, fused_graph, sites
 from .deploy import detach_primary
 from .errors import AuxwrapArgumentError, AuxwrapTapError, argument_error, check_real
-from .examples import default_example_inputs, device_and_dtype
+from .examples import as_input_tuple, default_example_inputs, device_and_dtype
 from .fused import FusedNet
 from .fusion import DEFAULT_GATE, Fusion, Point, check_fusion_rank, check_gate, token_grid
 from .plan import (
@@ -118,7 +117,7 @@ def attach(
     aux_models = _check_models(primary, aux)
     models = {PRIMARY: primary, **{aux_branch(k): m for k, m in enumerate(aux_models)}}
     _check_devices_and_dtypes(models)
-    inputs = analysis.as_input_tuple(
+    inputs = as_input_tuple(
         default_example_inputs(primary) if example_inputs is None else example_inputs, type(primary).__name__)
     trace_options = dict(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions),
                          concrete_args=concrete_args)

@@ -151,20 +151,22 @@ def _store_lifted_constants(model: nn.Module, unlifted: fx.GraphModule, graph: f
     stowed = []
     for node in graph.nodes:
         if node.op == "get_attr" and not _has_attribute(model, node.target):
-            setattr(model, node.target, _attribute(unlifted, node.target))
+            setattr(model, node.target, attribute(unlifted, node.target))
             stowed.append(node.target)
     return stowed
 
 
 def _has_attribute(module: nn.Module, target: str) -> bool:
     try:
-        _attribute(module, target)
+        attribute(module, target)
     except AttributeError:
         return False
     return True
 
 
-def _attribute(module: nn.Module, target: str) -> object:
+def attribute(module: nn.Module, target: str) -> object:
+    """What a ``get_attr`` target (``layer1.0.conv1.weight``) names in ``module``: a dotted path of submodules,
+    then an attribute. Raises AttributeError where there is none."""
     owner, _, name = target.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, name)
 

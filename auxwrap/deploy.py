@@ -22,8 +22,9 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .analysis import as_input_tuple, eval_mode
+from .analysis import eval_mode
 from .errors import AuxwrapArgumentError, AuxwrapError, check_real
+from .examples import as_input_tuple
 from .fold import fold_batchnorm
 from .fused import FusedNet, unwrap
 from .plan import PRIMARY

@@ -49,6 +49,19 @@ def _config_input_size(model: nn.Module) -> tuple[int, int, int] | None:
     return (channels, *image_size)
 
 
+def as_input_tuple(example_inputs: object, model_name: str, why: str = "") -> tuple:
+    """Normalise ``example_inputs`` (a tensor or a tuple of positional inputs) to a tuple; ``why`` says, in the
+    error, what they are for."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise AuxwrapArgumentError(
+        f"example_inputs for {model_name} must be a tensor or a non-empty tuple of the positional "
+        f"inputs of forward(), got {type(example_inputs).__name__}{f'; {why}' if why else ''}; "
+        "e.g. example_inputs=(torch.randn(2, 3, 64, 64),)")
+
+
 def device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where a model computes and in which float type: those of its first floating-point parameter
     (CPU, float32 for a model without one). Inputs, fusion modules and branches must match it."""

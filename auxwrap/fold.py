@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from .analysis import aten_packet, conv_groups, is_aten_conv, is_transposed_conv
+from .capture import attribute
 
 _aten = torch.ops.aten
 _CONV_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
@@ -147,14 +148,9 @@ def _tuple_outputs(node: fx.Node) -> list[fx.Node] | None:
 
 def _stored_tensor(gm: fx.GraphModule, arg: object) -> torch.Tensor | None:
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        value = _get_attr(gm, arg.target)
+        value = attribute(gm, arg.target)
         return value if isinstance(value, torch.Tensor) else None
     return None
-
-
-def _get_attr(gm: fx.GraphModule, target: str) -> object:
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _why_not_foldable(gm: fx.GraphModule, node: fx.Node, norm: _BatchNorm) -> str | None:

@@ -43,9 +43,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .analysis import as_input_tuple
 from .deploy import cut_links, measure_cut
 from .errors import AuxwrapArgumentError, check_choice, check_int, check_real
+from .examples import as_input_tuple
 from .fused import unwrap
 from .plan import PRIMARY, TO_AUX, TO_PRIMARY, Connection
 

@@ -30,7 +30,7 @@ from torch import nn
 from . import analysis
 from .analysis import NCHW, NHWC, TOKENS, VECTOR, Value
 from .errors import AuxwrapArgumentError, AuxwrapTapError
-from .examples import default_example_inputs
+from .examples import as_input_tuple, default_example_inputs
 from .fusion import token_grid
 from .trace import Traced, trace
 
@@ -114,7 +114,7 @@ def find_taps(traced: Traced | nn.Module, example_inputs: object = None,
 def _example_inputs(traced: Traced, example_inputs: object) -> tuple:
     if example_inputs is None:
         example_inputs = default_example_inputs(traced.model)
-    return analysis.as_input_tuple(example_inputs, traced.name)
+    return as_input_tuple(example_inputs, traced.name)
 
 
 class _TapFinder:

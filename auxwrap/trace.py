@@ -28,7 +28,7 @@ from torch import nn
 from . import capture as exporting
 from .capture import AUTO, CAPTURES, EXPORT, FX, CaptureFailed
 from .errors import AuxwrapArgumentError, AuxwrapTraceError, check_choice
-from .examples import default_example_inputs
+from .examples import as_input_tuple, default_example_inputs
 
 #: ``node.meta`` key holding the dotted path of the module that owns the node ("" for the root).
 MODULE_PATH = "auxwrap_module_path"
@@ -376,14 +376,7 @@ def _inputs_to_fall_back_on(model: nn.Module, example_inputs: Any, fx_error: Aux
 def _export_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     if example_inputs is None:
         example_inputs = default_example_inputs(model)
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    raise AuxwrapArgumentError(
-        f"example_inputs for {type(model).__name__} must be a tensor or a non-empty tuple of the positional "
-        f"inputs of forward(), got {type(example_inputs).__name__}; torch.export runs the model on them, e.g. "
-        "example_inputs=(torch.randn(2, 3, 224, 224),)")
+    return as_input_tuple(example_inputs, type(model).__name__, why="torch.export runs the model on them")
 
 
 def _batch_size(inputs: tuple) -> int | str:
